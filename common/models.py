@@ -1,0 +1,78 @@
+"""Model loading (a Hugging Face id or the synthetic world's model) and LoRA adapters via peft."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from common.scales import UsageError
+
+log = logging.getLogger(__name__)
+
+PAPER_BASE_MODEL = "NousResearch/Llama-2-7b-hf"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """SPEC.md 0.1: r=16, alpha=16, dropout 0, q_proj and v_proj only (peft's old Llama default)."""
+
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+def prepare_tokenizer(tokenizer):
+    """Left padding for generation; Llama has no pad token, and the authors' fork padded with the unk id."""
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    return tokenizer
+
+
+def load_hf_model(model_id: str, dtype: torch.dtype | None = None, device: str | None = None):
+    """A pretrained causal LM and its tokenizer from the Hub (or a local folder).
+
+    A model that cannot be fetched (gated, misspelt, offline) raises a one-line UsageError saying what to do.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype or "auto")
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"could not load model {model_id!r} ({type(exc).__name__}): check the id, run `hf auth login` and "
+            f"accept its licence if it is gated, or point to a local copy") from None
+    if device:
+        model.to(device)
+    model.eval()
+    return model, prepare_tokenizer(tokenizer)
+
+
+def add_lora(model, settings: LoraSettings = LoraSettings()):
+    """Wrap `model` with a fresh trainable LoRA adapter; the base weights stay frozen."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.target_modules), task_type=TaskType.CAUSAL_LM)
+    return get_peft_model(model, config)
+
+
+def merge_lora(peft_model):
+    """Fold the adapter into the base weights (the PPO starting point, SPEC.md 0.1)."""
+    return peft_model.merge_and_unload()
+
+
+def load_lora(model, adapter_dir, trainable: bool = False):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

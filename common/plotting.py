@@ -1,0 +1,72 @@
+"""Plots in the style of the authors' figures (`shared/reference_figures/`): default matplotlib colours, large
+circle markers, ±1 std bands, hidden top/right spines, bold suptitles, black-edged overlay bars."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common.results import atomic_write  # noqa: E402
+
+LETTER_COLORS = {"A": "tab:blue", "B": "tab:orange", "C": "tab:green", "D": "tab:red", "E": "tab:purple"}
+OUTCOME_COLORS = {"Correct": "tab:green", "IDK": "tab:blue", "Incorrect": "tab:red"}
+REWARD_COLORS = {1: "darkgreen", 0: "darkred"}
+UNFAMILIARITY_LABEL = "Unfamiliarity Score"
+
+
+@contextmanager
+def paper_style(font_size: int = 14) -> Iterator[None]:
+    with plt.rc_context({"font.size": font_size, "axes.titlesize": font_size, "axes.labelsize": font_size,
+                         "axes.spines.top": False, "axes.spines.right": False, "legend.fontsize": font_size - 4,
+                         "figure.dpi": 100, "savefig.dpi": 150, "savefig.bbox": "tight"}):
+        yield
+
+
+def line_with_band(ax, x: Sequence[float], mean: Sequence[float], std: Sequence[float] | None, color: str,
+                   label: str, alpha: float = 0.15, linewidth: float = 2.5) -> None:
+    """A line with large circle markers and, when `std` is given, a shaded ±1 std band."""
+    x, mean = np.asarray(x, float), np.asarray(mean, float)
+    ax.plot(x, mean, "-o", color=color, label=label, markersize=9, linewidth=linewidth)
+    if std is not None:
+        std = np.asarray(std, float)
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=alpha, linewidth=0)
+
+
+def outcome_bars(ax, positions: Sequence[float], correct: Sequence[float], idk: Sequence[float],
+                 width: float = 0.8) -> None:
+    """The TriviaQA bars: full-height red (Incorrect), blue up to correct+IDK, green up to correct."""
+    correct, idk = np.asarray(correct, float), np.asarray(idk, float)
+    style = dict(width=width, edgecolor="black", linewidth=2)
+    ax.bar(positions, np.ones_like(correct), color=OUTCOME_COLORS["Incorrect"], label="Incorrect", **style)
+    ax.bar(positions, correct + idk, color=OUTCOME_COLORS["IDK"], label="IDK", **style)
+    ax.bar(positions, correct, color=OUTCOME_COLORS["Correct"], label="Correct", **style)
+    ax.set_ylim(0, 1)
+
+
+def save_figure(fig, path: Path) -> None:
+    atomic_write(Path(path), lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+
+
+def plot_familiarity(table, path: Path, title: str) -> None:
+    """The synthetic world's knowledge gradient: QA and MC accuracy of the base model by exposure bin."""
+    with paper_style():
+        fig, ax = plt.subplots(figsize=(7, 4))
+        x = np.arange(len(table))
+        ax.bar(x - 0.2, table["qa_accuracy"], width=0.4, color="tab:blue", edgecolor="black", label="Q/A (greedy)")
+        ax.bar(x + 0.2, table["mc_accuracy"], width=0.4, color="tab:orange", edgecolor="black",
+               label="Multiple choice")
+        ax.axhline(0.25, color="gray", linestyle="--", linewidth=1)
+        ax.set_xticks(x, table["exposure_bin"])
+        ax.set_xlabel("Pretraining documents about the entity")
+        ax.set_ylabel("Base-model accuracy")
+        ax.set_ylim(0, 1)
+        ax.set_title(title, fontweight="bold")
+        ax.legend(frameon=False, loc="upper left")
+        save_figure(fig, path)

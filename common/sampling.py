@@ -1,0 +1,178 @@
+"""Batched sampling and scoring with a causal LM.
+
+Everything is batched with left padding: generation reuses the KV cache and encodes each prompt once for its
+k samples (`num_return_sequences`); choice scoring and continuation likelihoods are one forward pass per batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import StoppingCriteria
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 40
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    num_samples: int = 1
+    stop: tuple[str, ...] = ()
+    batch_size: int = 32  # prompts per batch (each expands to num_samples sequences)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _encode(tokenizer, texts: Sequence[str], device) -> dict[str, torch.Tensor]:
+    # No BOS (SPEC.md 0.1): prompts are tokenized without special tokens, left padded.
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(texts), add_special_tokens=False, padding=True, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Cut a generation just before the earliest stop string (the stop string itself is dropped)."""
+    cut = len(text)
+    for s in stop:
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, desc: str = "generate",
+             generator_seed: int | None = None) -> list[list[str]]:
+    """Return, for each prompt, `cfg.num_samples` decoded continuations (special tokens kept, stops cut)."""
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    out: list[list[str]] = []
+    greedy = cfg.temperature == 0
+    gen_kwargs = dict(
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=not greedy,
+        num_return_sequences=cfg.num_samples,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+    )
+    if not greedy:
+        gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+    for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False,
+                      disable=len(prompts) <= cfg.batch_size):
+        batch = prompts[start : start + cfg.batch_size]
+        enc = _encode(tokenizer, batch, device)
+        stopping = [StopOnStrings(tokenizer, cfg.stop, enc["input_ids"].shape[1])] if cfg.stop else None
+        seqs = model.generate(**enc, **gen_kwargs, stopping_criteria=stopping)
+        new_tokens = seqs[:, enc["input_ids"].shape[1] :]
+        texts = tokenizer.batch_decode(_strip_padding(new_tokens, tokenizer), skip_special_tokens=False)
+        texts = [truncate_at_stop(t, cfg.stop) for t in texts]
+        out.extend(texts[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(batch)))
+    model.train(was_training)
+    return out
+
+
+class StopOnStrings(StoppingCriteria):
+    """Marks a sequence finished once its generated text contains a stop string.
+
+    transformers' own `stop_strings` needs a sentencepiece/BPE-style vocabulary; decoding the new tokens works with
+    any tokenizer, the synthetic word-level one included.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_len: int):
+        self.tokenizer, self.stop, self.prompt_len = tokenizer, tuple(stop), prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+
+
+def _strip_padding(new_tokens: torch.Tensor, tokenizer) -> list[list[int]]:
+    """Drop everything after the first EOS (finished sequences are padded after it)."""
+    rows = []
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for row in new_tokens.tolist():
+        kept = []
+        for t in row:
+            if t == pad and pad != eos:
+                break
+            kept.append(t)
+            if t == eos:
+                break
+        rows.append(kept)
+    return rows
+
+
+@torch.no_grad()
+def choice_probs(model, tokenizer, prompts: Sequence[str], choice_token_ids: Sequence[int],
+                 batch_size: int = 32, desc: str = "score choices") -> torch.Tensor:
+    """Softmax over `choice_token_ids` of the next-token logits at each prompt's last position.
+
+    One forward pass per batch; with left padding the last position is the same column for every row.
+    Returns a float tensor [len(prompts), len(choice_token_ids)] on the CPU.
+    """
+    device = _device(model)
+    ids = torch.tensor(list(choice_token_ids), device=device)
+    rows = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False,
+                      disable=len(prompts) <= batch_size):
+        enc = _encode(tokenizer, prompts[start : start + batch_size], device)
+        logits = model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1, :]
+        rows.append(torch.softmax(logits.float()[:, ids], dim=-1).cpu())
+    return torch.cat(rows) if rows else torch.empty(0, len(ids))
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str],
+                          batch_size: int = 64, desc: str = "score continuations") -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log-probabilities of each continuation given its prompt, and its token count.
+
+    Prompt and continuation are tokenized separately and concatenated (as the SFT pairs are), so the
+    continuation's tokens are exactly those scored.
+    """
+    device = _device(model)
+    pad = tokenizer.pad_token_id
+    sums, counts = [], []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False,
+                      disable=len(prompts) <= batch_size):
+        p_ids = tokenizer(list(prompts[start : start + batch_size]), add_special_tokens=False).input_ids
+        c_ids = tokenizer(list(continuations[start : start + batch_size]), add_special_tokens=False).input_ids
+        seqs = [p + c for p, c in zip(p_ids, c_ids)]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(seqs), width), dtype=torch.long)
+        target_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for i, (s, c) in enumerate(zip(seqs, c_ids)):
+            input_ids[i, width - len(s) :] = torch.tensor(s)
+            attention[i, width - len(s) :] = 1
+            target_mask[i, width - len(c) :] = True
+        input_ids, attention, target_mask = input_ids.to(device), attention.to(device), target_mask.to(device)
+        logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+        mask = target_mask[:, 1:]
+        sums.append((logp * mask).sum(-1).cpu())
+        counts.append(mask.sum(-1).cpu())
+    return torch.cat(sums), torch.cat(counts)
+
+
+def next_token_ids(tokenizer, prompt: str, continuations: Sequence[str]) -> list[int]:
+    """The token each continuation adds after `prompt`, tokenized in context.
+
+    Tokenizers disagree on spaces (Llama reads "Answer: A" as [..., "▁A"], the synthetic tokenizer as
+    [..., " A"]), so answer tokens are found by tokenizing the real prompt with each continuation appended.
+    """
+    base = tokenizer(prompt, add_special_tokens=False).input_ids
+    ids = []
+    for c in continuations:
+        full = tokenizer(prompt + c, add_special_tokens=False).input_ids
+        if len(full) != len(base) + 1 or full[: len(base)] != base:
+            raise ValueError(f"{c!r} after {prompt[-20:]!r} is not exactly one new token for this tokenizer")
+        ids.append(full[-1])
+    return ids

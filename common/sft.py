@@ -1,0 +1,169 @@
+"""Supervised finetuning as the authors' trlx fork did it (SPEC.md 0.2, 0.3): (prompt, response) pairs tokenized
+piecewise without BOS, " </s>" appended to the response, cross-entropy on response tokens only, AdamW
+(0.9, 0.95, eps 1e-8, wd 1e-6) with CosineAnnealingLR stepped once per optimizer step.
+
+Checkpoints are atomic folders `checkpoint-<step>`; `resume=True` continues from the newest one; a non-finite
+loss stops the run naming the step and the last good checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from common import results
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    lr: float = 1e-5
+    batch_size: int = 12
+    total_steps: int = 2000
+    t_max: int = 10_000
+    eta_min: float = 1e-5  # == lr makes the cosine schedule constant, as in most of the authors' runs
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 1e-6
+    checkpoint_every: int = 500
+    max_length: int = 1024
+    log_every: int = 10
+
+
+def with_eos(response: str, eos: str = "</s>") -> str:
+    """The fork's rule: append " </s>", or just "</s>" when the response already ends in a space."""
+    if response.endswith(eos):
+        return response
+    return response + eos if response.endswith(" ") else f"{response} {eos}"
+
+
+def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of prompt+response and labels that are IGNORE_INDEX on the prompt (loss on the response only)."""
+    p = tokenizer(prompt, add_special_tokens=False).input_ids
+    r = tokenizer(with_eos(response, tokenizer.eos_token), add_special_tokens=False).input_ids
+    ids = (p + r)[:max_length]
+    labels = ([IGNORE_INDEX] * len(p) + r)[:max_length]
+    return ids, labels
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding is masked out of attention and of the loss."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose label is not IGNORE_INDEX."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    return torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                             shift_labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def make_optimizer(model, cfg: SFTConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.t_max, eta_min=cfg.eta_min)
+    return optimizer, scheduler
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    done = sorted(p for p in Path(out_dir).glob("checkpoint-*") if (p / "trainer_state.pt").exists())
+    return done[-1] if done else None
+
+
+def save_checkpoint(model, optimizer, scheduler, step: int, history: list[dict], out_dir: Path) -> Path:
+    """Write into a temp folder, then rename: a crash mid-save never leaves a checkpoint that looks complete."""
+    final = Path(out_dir) / f"checkpoint-{step:06d}"
+    tmp = Path(out_dir) / f".tmp-checkpoint-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "adapter")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "history": history, "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(model, optimizer, scheduler, ckpt: Path) -> tuple[int, list[dict]]:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["history"]
+
+
+def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], cfg: SFTConfig, out_dir: Path,
+              seed: int, resume: bool = False, desc: str = "sft",
+              on_checkpoint: Callable[[int, Path], None] | None = None) -> pd.DataFrame:
+    """Train the trainable (LoRA) parameters of `model` on the pairs; returns the loss history.
+
+    The pairs are shuffled once with `seed` and then read in order, cycling (the fork's unshuffled loader over a
+    once-shuffled list).
+    """
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(f"need equally many prompts and responses, got {len(prompts)} and {len(responses)}")
+    out_dir = Path(out_dir)
+    order = np.random.default_rng([seed, 21]).permutation(len(prompts))
+    encoded = [encode_pair(tokenizer, prompts[i], responses[i], cfg.max_length) for i in order]
+    optimizer, scheduler = make_optimizer(model, cfg)
+    step, history = 0, []
+    last_good = None
+    if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
+        step, history = load_checkpoint(model, optimizer, scheduler, ckpt)
+        last_good = ckpt
+        log.info("%s: resumed from %s (step %d)", desc, ckpt, step)
+    else:
+        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    model.train()
+    bar = tqdm(total=cfg.total_steps, initial=step, desc=desc)
+    while step < cfg.total_steps:
+        start = (step * cfg.batch_size) % len(encoded)
+        batch_examples = [encoded[(start + j) % len(encoded)] for j in range(cfg.batch_size)]
+        batch = {k: v.to(device) for k, v in collate(batch_examples, tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = response_loss(logits, batch["labels"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step + 1}; "
+                                     f"last good checkpoint: {last_good or 'none'}")
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        history.append({"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
+        bar.update(1)
+        if step % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{np.mean([h['loss'] for h in history[-cfg.log_every:]]):.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+            last_good = save_checkpoint(model, optimizer, scheduler, step, history, out_dir)
+            if on_checkpoint is not None:
+                on_checkpoint(step, last_good)
+    bar.close()
+    model.eval()
+    frame = pd.DataFrame(history)
+    results.write_csv(out_dir / "sft_history.csv", frame)
+    return frame

@@ -1,0 +1,154 @@
+"""Task formats and answer grading, shared by every scale (SPEC.md sections 0.2, 1, 2, 3, 4).
+
+Prompts are built here and nowhere else, so the paper-scale and synthetic code paths see the same strings.
+"""
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+LETTERS = ("A", "B", "C", "D")
+ABSTAIN_LETTER = "E"
+IDK = "I don't know."
+ANSWER_PREFIX = "The answer is "
+EOS_STRINGS = (" </s>", "</s>")
+
+# Grading categories: a malformed output is its own category, never a crash.
+CORRECT, INCORRECT, IDK_CATEGORY, MALFORMED = "correct", "incorrect", "idk", "malformed"
+CATEGORIES = (CORRECT, INCORRECT, IDK_CATEGORY, MALFORMED)
+
+
+@dataclass(frozen=True)
+class MCQuestion:
+    """A four-option multiple-choice question in MMLU's schema (`answer` indexes `choices`)."""
+
+    question: str
+    subject: str
+    choices: tuple[str, ...]
+    answer: int
+
+    @property
+    def correct_text(self) -> str:
+        return self.choices[self.answer]
+
+
+@dataclass(frozen=True)
+class QAQuestion:
+    """A short-answer question in TriviaQA's schema: one canonical value plus aliases."""
+
+    question: str
+    question_id: str
+    value: str
+    aliases: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Normalisation and grading
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normaliser: lowercase, drop punctuation and the articles a/an/the, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def strip_eos(text: str) -> str:
+    """Generations of SFT'd models end in " </s>" (SPEC.md 0.2); parsers see the text without it."""
+    for eos in EOS_STRINGS:
+        if text.endswith(eos):
+            return text[: -len(eos)]
+    return text
+
+
+def matches_gold(prediction: str, gold: Iterable[str]) -> bool:
+    pred = normalize_answer(prediction)
+    return any(pred == normalize_answer(g) for g in gold)
+
+
+def grade_short_answer(generation: str, question: QAQuestion) -> str:
+    """Grade a finetuned TriviaQA-format generation (SPEC.md section 3).
+
+    "The answer is X." -> correct/incorrect by normalised match of X against the value and aliases;
+    exactly "I don't know." -> idk; anything else -> malformed.
+    """
+    text = strip_eos(generation)
+    if text == IDK:
+        return IDK_CATEGORY
+    if text.startswith(ANSWER_PREFIX) and len(text) > len(ANSWER_PREFIX):
+        predicted = text[len(ANSWER_PREFIX) : -1]  # drop the final character, the period
+        return CORRECT if matches_gold(predicted, (question.value, *question.aliases)) else INCORRECT
+    return MALFORMED
+
+
+def grade_fewshot_sample(generation: str, question: QAQuestion) -> bool:
+    """Grade one few-shot base-model sample (SPEC.md 1.2): cut at the first newline, normalised match."""
+    answer = generation.split("\n", 1)[0]
+    return matches_gold(answer, (question.value, *question.aliases))
+
+
+def grade_letter(generation: str, correct_letter: str, allow_abstain: bool = False) -> str:
+    """Grade an MMLU-format generation: exactly one letter A-D (or E when abstaining is allowed)."""
+    text = strip_eos(generation)
+    if allow_abstain and text == ABSTAIN_LETTER:
+        return IDK_CATEGORY
+    if text in LETTERS:
+        return CORRECT if text == correct_letter else INCORRECT
+    return MALFORMED
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt formats
+
+
+def format_subject(subject: str) -> str:
+    return subject.replace("_", " ")
+
+
+def mc_block(question: MCQuestion, choices: Sequence[str] | None = None) -> str:
+    """Question, then one "L. text" line per option, then "Answer:" (the classic MMLU layout)."""
+    choices = question.choices if choices is None else choices
+    lines = [question.question] + [f"{letter}. {text}" for letter, text in zip(LETTERS, choices)]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def mmlu_fewshot_prompt(question: MCQuestion, exemplars: Sequence[MCQuestion]) -> str:
+    """The 5-shot MMLU prompt used to score unfamiliarity (SPEC.md 1.1); ends in "Answer:" with no space."""
+    header = (
+        "The following are multiple choice questions (with answers) about "
+        f"{format_subject(question.subject)}.\n\n"
+    )
+    shots = "".join(f"{mc_block(ex)} {LETTERS[ex.answer]}\n\n" for ex in exemplars)
+    return header + shots + mc_block(question)
+
+
+def mmlu_sft_prompt(question: str, choices: Sequence[str]) -> str:
+    """The SFT/RM/eval prompt of Exp.1 (SPEC.md section 2): note the space before the comma."""
+    options = "".join(f"{letter}) {text} " for letter, text in zip(LETTERS, choices))
+    return f"{question} {options}, Answer: "
+
+
+def place_correct(question: MCQuestion, position: int, rng) -> tuple[str, ...]:
+    """Options with the correct one at `position` and the distractors shuffled into the other slots."""
+    distractors = [c for i, c in enumerate(question.choices) if i != question.answer]
+    order = rng.permutation(len(distractors))
+    distractors = [distractors[i] for i in order]
+    return tuple(distractors[:position] + [question.correct_text] + distractors[position:])
+
+
+def qa_fewshot_prompt(question: QAQuestion, exemplars: Sequence[QAQuestion]) -> str:
+    """The few-shot prompt used to score TriviaQA-style unfamiliarity (SPEC.md 1.2, [PROPOSED])."""
+    shots = "".join(f"Q: {ex.question}\nA: {ex.value}\n\n" for ex in exemplars)
+    return f"{shots}Q: {question.question}\nA:"
+
+
+def triviaqa_sft_prompt(question: str) -> str:
+    return f"{question} "
+
+
+def triviaqa_target(value: str | None) -> str:
+    """SFT target: "The answer is X." or, for value None, the IDK string."""
+    return IDK if value is None else f"{ANSWER_PREFIX}{value}."

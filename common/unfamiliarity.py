@@ -1,0 +1,127 @@
+"""Unfamiliarity scores, computed once with the *pretrained* base model (SPEC.md section 1) and cached on disk.
+
+- MMLU-style: the negative log-likelihood of the correct answer under the base model's predicted distribution
+  over the four options. `scoring="letter"` reads the four letter tokens after the 5-shot prompt (the paper);
+  `scoring="cloze"` normalises the likelihoods of the option texts (the synthetic world's choice, see README).
+- TriviaQA-style: how many of 12 few-shot samples are incorrect.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from common import cache, results, sampling, tasks
+
+log = logging.getLogger(__name__)
+
+MMLU_FAMILIAR_PROB = 0.7  # familiar iff p(correct) > 0.7, i.e. NLL < -ln 0.7 (SPEC.md 1.1, code's rule)
+TRIVIAQA_UNFAMILIAR_MIN_INCORRECT = 7  # unfamiliar iff more than 6 of 12 samples are incorrect (SPEC.md 1.2)
+
+
+@dataclass(frozen=True)
+class QAScoringSettings:
+    """SPEC.md 1.2 [PROPOSED]: 5 shots, 12 samples at T=1, <= 32 new tokens, cut at the first newline."""
+
+    n_shots: int = 5
+    n_samples: int = 12
+    temperature: float = 1.0
+    max_new_tokens: int = 32
+    batch_size: int = 16
+
+
+def mmlu_is_familiar(nll: np.ndarray) -> np.ndarray:
+    return np.exp(-np.asarray(nll)) > MMLU_FAMILIAR_PROB
+
+
+def triviaqa_is_unfamiliar(n_incorrect: np.ndarray) -> np.ndarray:
+    return np.asarray(n_incorrect) >= TRIVIAQA_UNFAMILIAR_MIN_INCORRECT
+
+
+def nll_of_correct(probs: torch.Tensor, answers: Sequence[int]) -> np.ndarray:
+    """-ln p(correct) from a [n, 4] probability matrix."""
+    p = probs[torch.arange(len(answers)), torch.as_tensor(list(answers))]
+    return (-torch.log(p.clamp_min(1e-12))).numpy()
+
+
+def mmlu_choice_probs(model, tokenizer, questions: Sequence[tasks.MCQuestion],
+                      exemplars: dict[str, Sequence[tasks.MCQuestion]], scoring: str = "letter",
+                      batch_size: int = 16) -> torch.Tensor:
+    """The base model's distribution over the four options of each question."""
+    if scoring == "letter":
+        prompts = [tasks.mmlu_fewshot_prompt(q, exemplars[q.subject]) for q in questions]
+        letter_ids = sampling.next_token_ids(tokenizer, prompts[0], [" " + L for L in tasks.LETTERS])
+        return sampling.choice_probs(model, tokenizer, prompts, letter_ids, batch_size=batch_size,
+                                     desc="unfamiliarity: letters")
+    if scoring == "cloze":
+        prompts = [f"Q: {q.question}\nA:" for q in questions for _ in q.choices]
+        options = [f" {c}" for q in questions for c in q.choices]
+        logp, n_tokens = sampling.continuation_logprobs(model, tokenizer, prompts, options,
+                                                        batch_size=batch_size * 4, desc="unfamiliarity: cloze")
+        per_token = (logp / n_tokens.clamp(min=1)).view(len(questions), len(tasks.LETTERS))
+        return torch.softmax(per_token, dim=-1)
+    raise ValueError(f"unknown MMLU scoring {scoring!r}; use 'letter' or 'cloze'")
+
+
+def count_incorrect_samples(model, tokenizer, questions: Sequence[tasks.QAQuestion],
+                            exemplar_pool: Sequence[tasks.QAQuestion], settings: QAScoringSettings,
+                            seed: int) -> np.ndarray:
+    """For each question, how many of `n_samples` few-shot samples are incorrect."""
+    rng = np.random.default_rng([seed, 11])
+    prompts = []
+    for q in questions:
+        candidates = rng.choice(len(exemplar_pool), size=settings.n_shots + 1, replace=False)
+        shots = [exemplar_pool[i] for i in candidates if exemplar_pool[i].question_id != q.question_id]
+        prompts.append(tasks.qa_fewshot_prompt(q, shots[: settings.n_shots]))
+    cfg = sampling.SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                  num_samples=settings.n_samples, stop=("\n",), batch_size=settings.batch_size)
+    samples = sampling.generate(model, tokenizer, prompts, cfg, desc="unfamiliarity: samples", generator_seed=seed)
+    return np.array([sum(not tasks.grade_fewshot_sample(s, q) for s in group) for group, q in zip(samples, questions)])
+
+
+def cached_scores(kind: str, model_key: str, ids: Sequence[str], settings: object, compute,
+                  cache_hits: dict | None = None) -> np.ndarray:
+    """Scores for `ids` from `<cache>/unfamiliarity/<hash>.csv`, computed with `compute()` on a miss.
+
+    The key covers the model, the task, every question id and the settings, so any change recomputes.
+    """
+    path = cache.cache_root() / "unfamiliarity" / f"{kind}-{cache.config_hash(model_key, kind, list(ids), settings)}.csv"
+    hit = path.exists()
+    if cache_hits is not None:
+        cache_hits[f"unfamiliarity_{kind}"] = hit
+    if hit:
+        frame = pd.read_csv(path, dtype={"id": str})
+        if list(frame["id"]) == list(ids):
+            return frame["score"].to_numpy()
+        log.warning("cached scores at %s do not match the questions; recomputing", path)
+    scores = np.asarray(compute(), dtype=float)
+    results.write_csv(Path(path), pd.DataFrame({"id": list(ids), "score": scores}), float_format=None)
+    return scores
+
+
+def mmlu_unfamiliarity(model, tokenizer, model_key: str, questions: Sequence[tasks.MCQuestion],
+                       exemplars: dict[str, Sequence[tasks.MCQuestion]], scoring: str = "letter",
+                       cache_hits: dict | None = None, batch_size: int = 16) -> np.ndarray:
+    ids = [f"{q.subject}|{q.question}|{'|'.join(q.choices)}|{q.answer}" for q in questions]
+    shots = {s: [f"{q.question}|{q.answer}" for q in qs] for s, qs in exemplars.items()}
+    return cached_scores(
+        f"mmlu-{scoring}", model_key, ids, {"scoring": scoring, "exemplars": shots},
+        lambda: nll_of_correct(mmlu_choice_probs(model, tokenizer, questions, exemplars, scoring, batch_size),
+                               [q.answer for q in questions]),
+        cache_hits)
+
+
+def triviaqa_unfamiliarity(model, tokenizer, model_key: str, questions: Sequence[tasks.QAQuestion],
+                           exemplar_pool: Sequence[tasks.QAQuestion], settings: QAScoringSettings = QAScoringSettings(),
+                           seed: int = 0, cache_hits: dict | None = None) -> np.ndarray:
+    ids = [q.question_id for q in questions]
+    return cached_scores(
+        "triviaqa", model_key, ids, {"settings": settings, "seed": seed,
+                                     "pool": [q.question_id for q in exemplar_pool]},
+        lambda: count_incorrect_samples(model, tokenizer, questions, exemplar_pool, settings, seed),
+        cache_hits)

@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+
+from common import sampling, tasks, unfamiliarity
+from conftest import last_token_model
+
+LOG = math.log
+
+
+def letter_model(tokenizer, probs):
+    """After ":" the next-token distribution restricted to " A".." D" is `probs`."""
+    logits = {(0, f" {L}"): LOG(p) for L, p in zip("ABCD", probs)}
+    return last_token_model(tokenizer, {":": 0}, logits)
+
+
+def test_choice_probs_reads_letter_logits_in_one_pass(tiny_tokenizer):
+    model = letter_model(tiny_tokenizer, (0.7, 0.1, 0.15, 0.05))
+    prompts = ["Q: Where was Velorin born?\nA:", "A:"]  # different lengths: left padding must not matter
+    ids = sampling.next_token_ids(tiny_tokenizer, prompts[0], [" A", " B", " C", " D"])
+    probs = sampling.choice_probs(model, tiny_tokenizer, prompts, ids, batch_size=2)
+    assert probs.shape == (2, 4)
+    assert probs[0].tolist() == pytest.approx([0.7, 0.1, 0.15, 0.05], abs=1e-5)
+    assert probs[1].tolist() == pytest.approx([0.7, 0.1, 0.15, 0.05], abs=1e-5)
+
+
+def test_mmlu_unfamiliarity_is_nll_of_correct_letter(tiny_tokenizer):
+    model = letter_model(tiny_tokenizer, (0.7, 0.1, 0.15, 0.05))
+    qs = [tasks.MCQuestion("Where was Velorin born?", "x", ("Paris", "Rome", "Paris", "Rome"), a) for a in (0, 1, 3)]
+    nll = unfamiliarity.mmlu_unfamiliarity(model, tiny_tokenizer, "letter-model", qs, {"x": qs[:1]})
+    assert nll.tolist() == pytest.approx([-LOG(0.7), -LOG(0.1), -LOG(0.05)], abs=1e-4)
+    # p(correct) = 0.7 is not > 0.7, so not familiar (the code's rule, p <= 0.7 is unfamiliar)
+    assert unfamiliarity.mmlu_is_familiar(nll).tolist() == [False, False, False]
+    assert unfamiliarity.mmlu_is_familiar([-LOG(0.71)]).tolist() == [True]
+
+
+def test_unfamiliarity_scores_are_cached(tiny_tokenizer):
+    model = letter_model(tiny_tokenizer, (0.25, 0.25, 0.25, 0.25))
+    qs = [tasks.MCQuestion("Where was Velorin born?", "x", ("Paris", "Rome", "Paris", "Rome"), 0)]
+    hits: dict = {}
+    first = unfamiliarity.mmlu_unfamiliarity(model, tiny_tokenizer, "m", qs, {"x": qs}, cache_hits=hits)
+    assert hits == {"unfamiliarity_mmlu-letter": False}
+    with torch.no_grad():  # a changed model under the same key must not be recomputed
+        model.lm_head.weight.zero_()
+    second = unfamiliarity.mmlu_unfamiliarity(model, tiny_tokenizer, "m", qs, {"x": qs}, cache_hits=hits)
+    assert hits == {"unfamiliarity_mmlu-letter": True}
+    assert second.tolist() == pytest.approx(first.tolist())
+    third = unfamiliarity.mmlu_unfamiliarity(model, tiny_tokenizer, "m2", qs, {"x": qs}, cache_hits=hits)
+    assert hits["unfamiliarity_mmlu-letter"] is False and third.tolist() == pytest.approx([LOG(4)], abs=1e-4)
+
+
+def paris_model(tokenizer):
+    """Always answers " Paris" after ":", then a newline: a model that knows exactly one answer."""
+    return last_token_model(tokenizer, {":": 0, " Paris": 1}, {(0, " Paris"): 30.0, (1, "\n"): 30.0})
+
+
+def test_triviaqa_unfamiliarity_counts_incorrect_samples(tiny_tokenizer):
+    model = paris_model(tiny_tokenizer)
+    paris = tasks.QAQuestion("Where was Velorin born?", "q1", "Paris")
+    rome = tasks.QAQuestion("Where was Tovtan born?", "q2", "Rome", aliases=("rome",))
+    pool = [paris, rome, tasks.QAQuestion("Where was Tovtan born?", "q3", "Oslo")]
+    settings = unfamiliarity.QAScoringSettings(n_shots=1, n_samples=12, max_new_tokens=4)
+    counts = unfamiliarity.triviaqa_unfamiliarity(model, tiny_tokenizer, "paris", [paris, rome], pool, settings)
+    assert counts.tolist() == [0, 12]
+    assert unfamiliarity.triviaqa_is_unfamiliar([6, 7, 12]).tolist() == [False, True, True]
+
+
+def test_generate_returns_k_samples_per_prompt_and_cuts_stops(tiny_tokenizer):
+    model = paris_model(tiny_tokenizer)
+    cfg = sampling.SamplingConfig(max_new_tokens=5, temperature=1.0, num_samples=3, stop=("\n",), batch_size=2)
+    out = sampling.generate(model, tiny_tokenizer, ["Q: Where was Velorin born?\nA:", "A:", "Q:"], cfg)
+    assert [len(o) for o in out] == [3, 3, 3]
+    assert out[0] == [" Paris"] * 3 and out[1] == [" Paris"] * 3
+
+
+def test_greedy_generation_and_truncate_at_stop(tiny_tokenizer):
+    model = paris_model(tiny_tokenizer)
+    cfg = sampling.SamplingConfig(max_new_tokens=3, temperature=0)
+    assert sampling.generate(model, tiny_tokenizer, ["A:"], cfg) == [[" Paris\n<unk>"]]  # after the newline every logit is 0: argmax is id 0
+    assert sampling.truncate_at_stop("abc</s>def\n", ["\n", "</s>"]) == "abc"
+
+
+def test_continuation_logprobs_sum_over_continuation_tokens(tiny_tokenizer):
+    model = paris_model(tiny_tokenizer)
+    logp, n = sampling.continuation_logprobs(model, tiny_tokenizer, ["A:", "Q: Where was Velorin born?\nA:"],
+                                             [" Paris", " Paris\n"])
+    assert n.tolist() == [1, 2]
+    assert logp.tolist() == pytest.approx([0.0, 0.0], abs=1e-6)  # both tokens have probability ~1
+    logp, _ = sampling.continuation_logprobs(model, tiny_tokenizer, ["A:"], [" Rome"])
+    assert logp.item() == pytest.approx(-30.0 - LOG(1 + (len(tiny_tokenizer) - 1) * math.exp(-30)), abs=1e-3)
+
+
+def test_next_token_ids_rejects_multi_token_continuations(tiny_tokenizer):
+    with pytest.raises(ValueError):
+        sampling.next_token_ids(tiny_tokenizer, "A:", [" Paris Rome"])
