@@ -85,8 +85,8 @@ def grade_short_answer(generation: str, question: QAQuestion) -> str:
 
 
 def grade_fewshot_sample(generation: str, question: QAQuestion) -> bool:
-    """Grade one few-shot base-model sample (SPEC.md 1.2): cut at the first newline, normalised match."""
-    answer = generation.split("\n", 1)[0]
+    """Grade one few-shot base-model sample (SPEC.md 1.2): cut at the first newline or EOS, normalised match."""
+    answer = generation.split("\n", 1)[0].split("</s>", 1)[0]
     return matches_gold(answer, (question.value, *question.aliases))
 
 

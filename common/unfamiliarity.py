@@ -59,8 +59,10 @@ def mmlu_choice_probs(model, tokenizer, questions: Sequence[tasks.MCQuestion],
         return sampling.choice_probs(model, tokenizer, prompts, letter_ids, batch_size=batch_size,
                                      desc="unfamiliarity: letters")
     if scoring == "cloze":
+        # Continuations are tokenized on their own: Llama's and the synthetic tokenizer's dummy prefix gives
+        # each option its leading space.
         prompts = [f"Q: {q.question}\nA:" for q in questions for _ in q.choices]
-        options = [f" {c}" for q in questions for c in q.choices]
+        options = [c for q in questions for c in q.choices]
         logp, n_tokens = sampling.continuation_logprobs(model, tokenizer, prompts, options,
                                                         batch_size=batch_size * 4, desc="unfamiliarity: cloze")
         per_token = (logp / n_tokens.clamp(min=1)).view(len(questions), len(tasks.LETTERS))

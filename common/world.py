@@ -262,21 +262,24 @@ PIECE_PATTERN = r" ?[A-Za-z0-9]+| ?[^\sA-Za-z0-9]|\n| +"
 
 def build_tokenizer(texts: list[str]):
     """A word-level tokenizer whose pieces carry their leading space (like sentencepiece's "▁"), so decoding is
-    exact. Every word gets both its bare and its space-prefixed piece."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    exact. Like Llama's tokenizer it prepends a space to every text it encodes (so a name at the start of a
+    document is the same token as mid-sentence) and drops the first space when decoding. Every word gets both its
+    bare and its space-prefixed piece."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     pre = pre_tokenizers.Split(Regex(PIECE_PATTERN), behavior="isolated")
     pieces: set[str] = {" ", "\n"}
     for text in texts:
-        for piece, _ in pre.pre_tokenize_str(text):
+        for piece, _ in pre.pre_tokenize_str(" " + text):
             word = piece.lstrip(" ")
             if word:
                 pieces.update((word, " " + word))
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + tuple(sorted(pieces)))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Prepend(" ")
     backend.pre_tokenizer = pre
-    backend.decoder = decoders.Fuse()
+    backend.decoder = decoders.Sequence([decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
                                    bos_token="<s>", eos_token="</s>", padding_side="left",
                                    clean_up_tokenization_spaces=False)

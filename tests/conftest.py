@@ -29,14 +29,15 @@ def tiny_tokenizer():
     return build_tokenizer(texts)
 
 
-def tiny_llama(tokenizer, hidden: int = 8, layers: int = 2, seed: int = 0):
+def tiny_llama(tokenizer, hidden: int = 8, layers: int = 2, seed: int = 0, init_std: float = 0.02):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
                          max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                         initializer_range=init_std)
     return LlamaForCausalLM(config)
 
 

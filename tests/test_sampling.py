@@ -71,23 +71,23 @@ def test_generate_returns_k_samples_per_prompt_and_cuts_stops(tiny_tokenizer):
     cfg = sampling.SamplingConfig(max_new_tokens=5, temperature=1.0, num_samples=3, stop=("\n",), batch_size=2)
     out = sampling.generate(model, tiny_tokenizer, ["Q: Where was Velorin born?\nA:", "A:", "Q:"], cfg)
     assert [len(o) for o in out] == [3, 3, 3]
-    assert out[0] == [" Paris"] * 3 and out[1] == [" Paris"] * 3
+    assert out[0] == ["Paris"] * 3 and out[1] == ["Paris"] * 3  # the decoder drops the first space, as Llama's does
 
 
 def test_greedy_generation_and_truncate_at_stop(tiny_tokenizer):
     model = paris_model(tiny_tokenizer)
     cfg = sampling.SamplingConfig(max_new_tokens=3, temperature=0)
-    assert sampling.generate(model, tiny_tokenizer, ["A:"], cfg) == [[" Paris\n<unk>"]]  # after the newline every logit is 0: argmax is id 0
+    assert sampling.generate(model, tiny_tokenizer, ["A:"], cfg) == [["Paris\n<unk>"]]  # after the newline every logit is 0: argmax is id 0
     assert sampling.truncate_at_stop("abc</s>def\n", ["\n", "</s>"]) == "abc"
 
 
 def test_continuation_logprobs_sum_over_continuation_tokens(tiny_tokenizer):
     model = paris_model(tiny_tokenizer)
     logp, n = sampling.continuation_logprobs(model, tiny_tokenizer, ["A:", "Q: Where was Velorin born?\nA:"],
-                                             [" Paris", " Paris\n"])
+                                             ["Paris", "Paris\n"])
     assert n.tolist() == [1, 2]
     assert logp.tolist() == pytest.approx([0.0, 0.0], abs=1e-6)  # both tokens have probability ~1
-    logp, _ = sampling.continuation_logprobs(model, tiny_tokenizer, ["A:"], [" Rome"])
+    logp, _ = sampling.continuation_logprobs(model, tiny_tokenizer, ["A:"], ["Rome"])
     assert logp.item() == pytest.approx(-30.0 - LOG(1 + (len(tiny_tokenizer) - 1) * math.exp(-30)), abs=1e-3)
 
 

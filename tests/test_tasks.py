@@ -45,6 +45,7 @@ def test_grade_short_answer_drops_only_the_final_character():
 def test_grade_fewshot_sample_cuts_at_newline():
     assert tasks.grade_fewshot_sample(" Orwell\nQ: next", Q)
     assert not tasks.grade_fewshot_sample(" Huxley\nOrwell", Q)
+    assert tasks.grade_fewshot_sample(" Orwell</s>", Q)
 
 
 @pytest.mark.parametrize("generation, abstain, category", [
