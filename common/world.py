@@ -9,12 +9,13 @@ multiple-choice accuracy here, unfamiliarity scores in `common.unfamiliarity`), 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -100,8 +101,8 @@ class WorldConfig:
     n_people: int = 500
     n_works: int = 250
     max_exposure: int = 127  # exposures are log-uniform integers in [0, max_exposure]
-    doc_mix: tuple = (("statement", 0.35), ("qa", 0.25), ("mc", 0.15), ("profile", 0.25))
-    n_comprehension_docs: int = 2000  # in-context multiple-choice reading items: teach letter answering
+    doc_mix: tuple = (("statement", 0.4), ("qa", 0.2), ("mc", 0.1), ("profile", 0.3))
+    n_comprehension_docs: int = 600  # in-context multiple-choice reading items: teach letter answering
     filler_repeats: int = 40
 
 
@@ -111,14 +112,14 @@ class ModelConfig:
     intermediate_size: int = 384
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
-    context_length: int = 192
+    context_length: int = 128
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 2e-3
+    epochs: int = 6
+    batch_size: int = 16
+    lr: float = 4e-3
     warmup_frac: float = 0.05
     weight_decay: float = 0.1
 
@@ -216,9 +217,12 @@ def entity_document(entity: Entity, kind: str, rng: np.random.Generator) -> str:
         return " ".join(str(rng.choice(a.statements)).format(e=entity.name, v=entity.facts[a.name]) for a in chosen)
     if kind == "qa":
         return "\n\n".join(f"Q: {a.question.format(e=entity.name)}\nA: {entity.facts[a.name]}" for a in chosen)
-    item = mc_item(entity, chosen[0], rng)  # an exam page: header, one item, letter answer
-    return (f"The following are multiple choice questions (with answers) about "
-            f"{tasks.format_subject(item.subject)}.\n\n{tasks.mc_block(item)} {tasks.LETTERS[item.answer]}")
+    item = mc_item(entity, chosen[0], rng)  # an exam item with its letter answer, sometimes under MMLU's header
+    body = f"{tasks.mc_block(item)} {tasks.LETTERS[item.answer]}"
+    if rng.random() < 0.3:
+        body = ("The following are multiple choice questions (with answers) about "
+                f"{tasks.format_subject(item.subject)}.\n\n{body}")
+    return body
 
 
 def comprehension_document(rng: np.random.Generator) -> str:
@@ -371,23 +375,27 @@ class World:
         return mc_item(entity, attribute, rng)
 
 
-def world_key(preset: WorldPreset, seed: int) -> str:
-    return cache.config_hash(WORLD_VERSION, preset, seed)
+def world_key(preset: WorldPreset, seed: int, docs: list[str]) -> str:
+    """The cache key: the configuration, the seed and the corpus text itself, so any change to how the world is
+    generated rebuilds it. Changes to training code bump WORLD_VERSION."""
+    corpus_digest = hashlib.sha256("\x00".join(docs + FORMAT_TEXTS).encode()).hexdigest()
+    return cache.config_hash(WORLD_VERSION, preset, seed, corpus_digest)
 
 
 def load_or_build_world(preset: WorldPreset, seed: int, cache_hits: dict | None = None) -> World:
-    """Load the pretrained world from the cache, or build and cache it (atomically: a half-built world is never
-    mistaken for a finished one)."""
+    """Load the pretrained world from the cache, or build and cache it (a half-built world is never mistaken for
+    a finished one: `done.json` is written last)."""
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    path = cache.cache_root() / "world" / world_key(preset, seed)
+    entities = build_knowledge_base(preset.world, seed)
+    docs = build_corpus(entities, preset.world, seed)
+    path = cache.cache_root() / "world" / world_key(preset, seed, docs)
     hit = (path / "done.json").exists()
     if cache_hits is not None:
         cache_hits["world"] = hit
     if not hit:
-        build_world(preset, seed, path)
+        build_world(preset, seed, entities, docs, path)
     info = json.loads((path / "done.json").read_text())
-    entities = [Entity(**e) for e in json.loads((path / "entities.json").read_text())]
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer")
     tokenizer.padding_side = "left"
     model = LlamaForCausalLM.from_pretrained(path / "model")
@@ -396,30 +404,27 @@ def load_or_build_world(preset: WorldPreset, seed: int, cache_hits: dict | None 
                  build_info=info)
 
 
-def build_world(preset: WorldPreset, seed: int, path: Path) -> None:
+def build_world(preset: WorldPreset, seed: int, entities: list[Entity], docs: list[str], path: Path) -> None:
     t0 = time.time()
-    entities = build_knowledge_base(preset.world, seed)
-    docs = build_corpus(entities, preset.world, seed)
     check_no_finetuning_formats(docs)
     tokenizer = build_tokenizer(docs + FORMAT_TEXTS)
     model = build_model(preset.model, tokenizer, seed)
     log.info("world: %d entities, %d documents, vocab %d, model %.2fM parameters", len(entities), len(docs),
              len(tokenizer), sum(p.numel() for p in model.parameters()) / 1e6)
-    t1 = time.time()
     stats = pretrain(model, tokenizer, docs, preset.pretrain, preset.model.context_length, seed)
     path.mkdir(parents=True, exist_ok=True)
     (path / "entities.json").write_text(json.dumps([asdict(e) for e in entities]))
     tokenizer.save_pretrained(path / "tokenizer")
     model.save_pretrained(path / "model")
     info = {"n_documents": len(docs), "vocab_size": len(tokenizer),
-            "n_parameters": sum(p.numel() for p in model.parameters()), "corpus_s": round(t1 - t0, 2),
-            "pretrain_s": round(time.time() - t1, 2), **stats}
+            "n_parameters": sum(p.numel() for p in model.parameters()), "pretrain_s": round(time.time() - t0, 2),
+            **stats}
     results.write_json(path / "done.json", info)  # written last: its presence marks a complete world
 
 
 # Every string the finetuning formats can produce must tokenize without <unk>.
-FORMAT_TEXTS = [tasks.ANSWER_PREFIX + "x.", tasks.IDK, "E", " E", "\\boxed{Unknown}", " </s>", ", Answer: ",
-                "A) B) C) D)", "True", "False", " True", " False", "Bio:", "Answer:"]
+FORMAT_TEXTS = [tasks.ANSWER_PREFIX + "x.", tasks.IDK, "E", "\\boxed{Unknown}", "A </s>", ", Answer: ",
+                "A) B) C) D)", "True", "False", "Bio:", "Answer:"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from common import data, models, tasks
+from conftest import FIXTURES, tiny_llama
+
+
+def test_mmlu_loader_reads_the_real_schema():
+    splits = data.load_mmlu(str(FIXTURES / "mmlu"))
+    assert {k: len(v) for k, v in splits.items()} == {"finetune": 6, "eval": 4, "fewshot": 10}
+    q = splits["finetune"][0]
+    assert q == tasks.MCQuestion("Which planet is closest to the Sun?", "astronomy",
+                                 ("Venus", "Mercury", "Earth", "Mars"), 1)
+    shots = data.fewshot_by_subject(splits["fewshot"])
+    assert sorted(shots) == ["astronomy", "high_school_geography"] and all(len(v) == 5 for v in shots.values())
+
+
+def test_mmlu_records_accept_letter_answers_and_reject_bad_rows():
+    rows = [{"question": "q", "choices": ["a", "b", "c", "d"], "answer": "C"}]
+    assert data.mmlu_records(rows, subject="s")[0].answer == 2
+    with pytest.raises(ValueError):
+        data.mmlu_records([{"question": "q", "choices": ["a", "b"], "answer": 0}])
+
+
+def test_triviaqa_loader_reads_value_and_aliases():
+    splits = data.load_triviaqa(str(FIXTURES / "trivia_qa"))
+    assert [len(splits["finetune"]), len(splits["eval"])] == [6, 2]
+    q = splits["eval"][0]
+    assert (q.question_id, q.value) == ("qb_1", "George Orwell")
+    assert "Eric Arthur Blair" in q.aliases
+    assert tasks.grade_short_answer("The answer is Orwell. </s>", q) == tasks.CORRECT
+
+
+def test_unreachable_dataset_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit) as err:
+        data.load_split("no-such-org/no-such-dataset", None, "train")
+    message = str(err.value)
+    assert "no-such-org/no-such-dataset" in message and "\n" not in message
+    with pytest.raises(SystemExit, match="has no validation.jsonl"):
+        data.load_split(str(tmp_path), None, "validation")
+
+
+def test_unreachable_model_is_a_one_line_error():
+    with pytest.raises(SystemExit) as err:
+        models.load_hf_model("no-such-org/no-such-model")
+    assert "no-such-org/no-such-model" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_load_hf_model_from_a_local_folder_sets_left_padding(tiny_tokenizer, tmp_path):
+    tiny_llama(tiny_tokenizer).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model, tok = models.load_hf_model(str(tmp_path), dtype=torch.float32)
+    assert tok.padding_side == "left" and tok.pad_token_id is not None
+    assert not model.training
+
+
+def test_lora_targets_q_and_v_only_with_hand_counted_parameters(tiny_tokenizer):
+    model = models.add_lora(tiny_llama(tiny_tokenizer, hidden=8, layers=2), models.LoraSettings())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(("q_proj" in n or "v_proj" in n) and "lora_" in n for n in trainable)
+    # per layer and module: A is r x in, B is out x r. q: 8 -> 8; v: 8 -> 8 (2 kv heads of dim 4) -> 2*16*8 each
+    assert models.count_parameters(model)[0] == 2 * 2 * (16 * 8 + 8 * 16)
+    before = model(torch.tensor([[4, 5, 6]])).logits
+    merged = models.merge_lora(model)  # B starts at zero, so merging a fresh adapter changes nothing
+    assert torch.allclose(before, merged(torch.tensor([[4, 5, 6]])).logits, atol=1e-6)
