@@ -52,6 +52,31 @@ def load_hf_model(model_id: str, dtype: torch.dtype | None = None, device: str |
     return model, prepare_tokenizer(tokenizer)
 
 
+@dataclass
+class Base:
+    """The pretrained base model of a run, its tokenizer, a cache key naming it, and (synthetic scale) its world."""
+
+    model: object
+    tokenizer: object
+    key: str
+    world: object = None
+
+
+def load_base(scale: str, preset: str, seed: int, model_id: str = PAPER_BASE_MODEL,
+              cache_hits: dict | None = None) -> Base:
+    """Paper scale: a Hub model in bf16 on the GPU. Synthetic scale (and the micro preset): the world's model,
+    built or loaded from the cache; its questions come from `world.mmlu_splits()` / `world.triviaqa_splits()`."""
+    if scale == "synthetic" or preset == "micro":
+        from common import world as synthetic
+
+        w = synthetic.load_or_build_world(synthetic.world_preset("synthetic", preset), seed, cache_hits)
+        return Base(model=w.model, tokenizer=w.tokenizer, key=f"world-{w.path.name}", world=w)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_hf_model(model_id, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+                                     device=device)
+    return Base(model=model, tokenizer=tokenizer, key=model_id)
+
+
 def add_lora(model, settings: LoraSettings = LoraSettings()):
     """Wrap `model` with a fresh trainable LoRA adapter; the base weights stay frozen."""
     from peft import LoraConfig, TaskType, get_peft_model

@@ -162,6 +162,15 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuation
     return torch.cat(sums), torch.cat(counts)
 
 
+def first_token_ids(tokenizer, responses: Sequence[str]) -> list[int]:
+    """The first token of each response tokenized on its own, as SFT targets are (SPEC.md 0.2): the token a
+    finetuned model emits first, e.g. Llama's "▁A" (id 319) after ", Answer: "."""
+    ids = [tokenizer(r, add_special_tokens=False).input_ids[0] for r in responses]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"responses {list(responses)} do not start with distinct tokens")
+    return ids
+
+
 def next_token_ids(tokenizer, prompt: str, continuations: Sequence[str]) -> list[int]:
     """The token each continuation adds after `prompt`, tokenized in context.
 

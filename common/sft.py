@@ -19,7 +19,6 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from common import results
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -84,6 +83,10 @@ def make_optimizer(model, cfg: SFTConfig):
     return optimizer, scheduler
 
 
+def _step_of(ckpt: Path) -> int:
+    return int(ckpt.name.split("-")[1])
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     done = sorted(p for p in Path(out_dir).glob("checkpoint-*") if (p / "trainer_state.pt").exists())
     return done[-1] if done else None
@@ -120,6 +123,9 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
               on_checkpoint: Callable[[int, Path], None] | None = None) -> pd.DataFrame:
     """Train the trainable (LoRA) parameters of `model` on the pairs; returns the loss history.
 
+    If `out_dir` already holds the final checkpoint, it is loaded instead of training (callers key `out_dir` by
+    everything the run depends on); an unfinished run there is continued when `resume` is set.
+
     The pairs are shuffled once with `seed` and then read in order, cycling (the fork's unshuffled loader over a
     once-shuffled list).
     """
@@ -130,12 +136,14 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
     encoded = [encode_pair(tokenizer, prompts[i], responses[i], cfg.max_length) for i in order]
     optimizer, scheduler = make_optimizer(model, cfg)
     step, history = 0, []
-    last_good = None
-    if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
-        step, history = load_checkpoint(model, optimizer, scheduler, ckpt)
-        last_good = ckpt
-        log.info("%s: resumed from %s (step %d)", desc, ckpt, step)
+    last_good = latest_checkpoint(out_dir)
+    if last_good is not None and (resume or _step_of(last_good) >= cfg.total_steps):
+        # A finished run in this folder is a cache hit; an unfinished one continues only when asked to.
+        step, history = load_checkpoint(model, optimizer, scheduler, last_good)
+        log.info("%s: %s %s (step %d)", desc, "loaded" if step >= cfg.total_steps else "resumed from",
+                 last_good, step)
     else:
+        last_good = None
         torch.manual_seed(seed)
     device = next(model.parameters()).device
     model.train()
@@ -164,6 +172,26 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
                 on_checkpoint(step, last_good)
     bar.close()
     model.eval()
-    frame = pd.DataFrame(history)
-    results.write_csv(out_dir / "sft_history.csv", frame)
-    return frame
+    return pd.DataFrame(history)
+
+
+def is_finished(out_dir: Path, cfg: SFTConfig) -> bool:
+    ckpt = latest_checkpoint(out_dir)
+    return ckpt is not None and _step_of(ckpt) >= cfg.total_steps
+
+
+def finetune_lora(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses: Sequence[str], name: str, run,
+                  seed: int, resume: bool = False):
+    """Add a fresh LoRA adapter to `base.model` and SFT it on the pairs, or load the finished adapter from the
+    cache (keyed by the base model, every setting and every pair). Returns the adapted model; call `.unload()`
+    on it to get the untouched base back for the next variant."""
+    from common import cache, models
+
+    model = models.add_lora(base.model, lora)
+    out_dir = cache.cache_dir("sft", base.key, lora, cfg, seed, list(prompts), list(responses))
+    run.cache_hits[f"sft_{name}"] = is_finished(out_dir, cfg)
+    with run.stage(f"sft_{name}"):
+        history = train_sft(model, base.tokenizer, prompts, responses, cfg, out_dir, seed=seed, resume=resume,
+                            desc=f"SFT {name}")
+    run.write_csv(f"sft_{name}_history.csv", history)
+    return model

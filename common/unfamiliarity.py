@@ -21,7 +21,6 @@ from common import cache, results, sampling, tasks
 log = logging.getLogger(__name__)
 
 MMLU_FAMILIAR_PROB = 0.7  # familiar iff p(correct) > 0.7, i.e. NLL < -ln 0.7 (SPEC.md 1.1, code's rule)
-TRIVIAQA_UNFAMILIAR_MIN_INCORRECT = 7  # unfamiliar iff more than 6 of 12 samples are incorrect (SPEC.md 1.2)
 
 
 @dataclass(frozen=True)
@@ -39,8 +38,9 @@ def mmlu_is_familiar(nll: np.ndarray) -> np.ndarray:
     return np.exp(-np.asarray(nll)) > MMLU_FAMILIAR_PROB
 
 
-def triviaqa_is_unfamiliar(n_incorrect: np.ndarray) -> np.ndarray:
-    return np.asarray(n_incorrect) >= TRIVIAQA_UNFAMILIAR_MIN_INCORRECT
+def triviaqa_is_unfamiliar(n_incorrect: np.ndarray, n_samples: int = 12) -> np.ndarray:
+    """Unfamiliar iff more than half the samples are incorrect: more than 6 of 12 (SPEC.md 1.2)."""
+    return np.asarray(n_incorrect) > n_samples // 2
 
 
 def nll_of_correct(probs: torch.Tensor, answers: Sequence[int]) -> np.ndarray:

@@ -29,22 +29,29 @@ log = logging.getLogger(__name__)
 WORLD_VERSION = 1  # bump when generation or training changes what a cached world would contain
 
 # ---------------------------------------------------------------------------------------------------------------
-# Knowledge base: closed value sets keep every fact one word long.
+# Knowledge base: closed value sets keep every fact one word long; 24-30 values per attribute keep the base
+# model's blind-guess accuracy (the most frequent value) well below 0.1.
 
 CITIES = ("Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Dublin", "Vienna", "Madrid", "Lisbon", "Prague",
-          "Athens", "Berlin", "Warsaw", "Toronto", "Boston", "Denver", "Sydney", "Mumbai", "Nairobi")
-YEARS = tuple(str(y) for y in range(1950, 1970))
+          "Athens", "Berlin", "Warsaw", "Toronto", "Boston", "Denver", "Sydney", "Mumbai", "Nairobi", "Seoul",
+          "Havana", "Quito", "Helsinki", "Dakar", "Manila", "Hanoi", "Bogota", "Caracas", "Montreal")
+YEARS = tuple(str(y) for y in range(1940, 1970))
 OCCUPATIONS = ("painter", "chemist", "pilot", "architect", "novelist", "surgeon", "violinist", "lawyer",
-               "astronomer", "sculptor", "engineer", "journalist", "botanist", "dancer", "economist", "photographer")
+               "astronomer", "sculptor", "engineer", "journalist", "botanist", "dancer", "economist", "photographer",
+               "plumber", "chef", "teacher", "nurse", "farmer", "poet", "baker", "tailor")
 EMPLOYERS = ("Acme", "Globex", "Initech", "Umbrella", "Hooli", "Vandelay", "Stark", "Wayne", "Cyberdyne", "Tyrell",
-             "Soylent", "Wonka", "Aperture", "Oscorp", "Monarch", "Dunder")
+             "Soylent", "Wonka", "Aperture", "Oscorp", "Monarch", "Dunder", "Nakatomi", "Virtucon", "Massive",
+             "Prestige", "Sirius", "Gekko", "Krusty", "Duff")
 GENRES = ("comedy", "thriller", "western", "romance", "mystery", "horror", "musical", "drama", "fantasy", "satire",
-          "documentary", "adventure")
-RELEASE_YEARS = tuple(str(y) for y in range(1970, 1990))
+          "documentary", "adventure", "biopic", "noir", "heist", "epic", "parody", "tragedy", "farce", "melodrama",
+          "slasher", "anthology", "mockumentary", "spy")
+RELEASE_YEARS = tuple(str(y) for y in range(1970, 2000))
 SETTINGS = ("Venice", "Alaska", "Morocco", "Siberia", "Texas", "Peru", "Iceland", "Borneo", "Sicily", "Mongolia",
-            "Nepal", "Chile", "Kenya", "Scotland", "Quebec", "Tasmania")
+            "Nepal", "Chile", "Kenya", "Scotland", "Quebec", "Tasmania", "Bavaria", "Sahara", "Crete", "Lapland",
+            "Bali", "Cuba", "Norway", "Ohio")
 PROTAGONISTS = ("Alice", "Bruno", "Clara", "Dmitri", "Elena", "Felix", "Greta", "Hugo", "Iris", "Jonas", "Kira",
-                "Leo", "Maya", "Nils", "Olga", "Pavel")
+                "Leo", "Maya", "Nils", "Olga", "Pavel", "Quinn", "Rosa", "Stefan", "Tess", "Ulla", "Viktor", "Wanda",
+                "Yuri")
 
 
 @dataclass(frozen=True)
@@ -373,6 +380,30 @@ class World:
         # Seeded per fact, so a question's options never depend on which other questions were asked.
         rng = np.random.default_rng([self.seed, 4, zlib.crc32(f"{entity.name}/{attribute.name}".encode())])
         return mc_item(entity, attribute, rng)
+
+    def eval_facts(self, eval_frac: float = 0.3) -> np.ndarray:
+        """A seeded random split of the facts: True marks the evaluation pool, the rest is the finetuning pool
+        (MMLU's test/validation and TriviaQA's train/validation roles)."""
+        rng = np.random.default_rng([self.seed, 6])
+        return rng.random(len(self.facts())) < eval_frac
+
+    def mmlu_splits(self, eval_frac: float = 0.3, n_fewshot: int = 5) -> dict[str, list[tasks.MCQuestion]]:
+        """Multiple-choice questions in the roles of `data.load_mmlu`; few-shot exemplars come from the
+        finetuning pool, five per subject."""
+        facts, is_eval = self.facts(), self.eval_facts(eval_frac)
+        questions = [self.mc_question(e, a) for e, a in facts]
+        finetune = [q for q, ev in zip(questions, is_eval) if not ev]
+        fewshot: list[tasks.MCQuestion] = []
+        for subject in ATTRIBUTES:
+            fewshot += [q for q in finetune if q.subject == subject][:n_fewshot]
+        return {"finetune": finetune, "eval": [q for q, ev in zip(questions, is_eval) if ev], "fewshot": fewshot}
+
+    def triviaqa_splits(self, eval_frac: float = 0.3) -> dict[str, list[tasks.QAQuestion]]:
+        """Short-answer questions in the roles of `data.load_triviaqa`."""
+        facts, is_eval = self.facts(), self.eval_facts(eval_frac)
+        questions = [self.qa_question(e, a) for e, a in facts]
+        return {"finetune": [q for q, ev in zip(questions, is_eval) if not ev],
+                "eval": [q for q, ev in zip(questions, is_eval) if ev]}
 
 
 def world_key(preset: WorldPreset, seed: int, docs: list[str]) -> str:

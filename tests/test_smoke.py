@@ -28,3 +28,33 @@ def test_world_entry_point_writes_familiarity(tmp_path):
     assert manifest["cache_hits"] == {"world": False}
     assert {"build_or_load_world", "measure_familiarity"} <= set(manifest["timings_s"])
     assert (tmp_path / "familiarity.png").stat().st_size > 0
+
+
+def test_exp01_micro_run_writes_panels_claims_and_resumes_from_cache(tmp_path):
+    run_module(["exp01_mmlu_sft/run.py", "--scale", "synthetic"], tmp_path)
+    claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
+    assert [c["id"] for c in claims] == ["fig2.mmlu.dist1.familiar_gt", "fig2.mmlu.dist1.unfamiliar_uniform",
+                                         "fig2.mmlu.dist2.familiar_gt", "fig2.mmlu.dist2.unfamiliar_b_c"]
+    for d in (1, 2):
+        assert (tmp_path / f"mmlu_sft{d}.png").exists()
+        for gt in "ABCD":
+            panel = pd.read_csv(tmp_path / f"mmlu_sft{d}_gt{gt}.csv")
+            assert {"count", "x_mean", "p_A_mean", "p_D_std"} <= set(panel.columns)
+    # a second run finds the SFT adapters in the cache instead of training again
+    run_module(["exp01_mmlu_sft/run.py", "--scale", "synthetic"], tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["cache_hits"]["sft_dist1"] and manifest["cache_hits"]["sft_dist2"]
+
+
+def test_exp02_micro_run_writes_bars_and_claims(tmp_path):
+    run_module(["exp02_triviaqa_sft/run.py", "--scale", "synthetic"], tmp_path)
+    claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
+    assert [c["id"] for c in claims] == [
+        "fig2.triviaqa.dist1.incorrect_rises", "fig2.triviaqa.dist1.no_idk", "fig2.triviaqa.dist2.idk_last",
+        "fig2.triviaqa.dist2.idk_first_low", "fig2.triviaqa.dist3.idk_flat", "fig2.triviaqa.dist3.incorrect_rises"]
+    for d in (1, 2, 3):
+        table = pd.read_csv(tmp_path / f"triviaqa_sft{d}.csv")
+        shown = table[table["count"] > 0]
+        total = shown.correct_mean + shown.idk_mean + shown.incorrect_mean
+        assert total.round(6).eq(1.0).all()  # the three outcomes partition every bin
+        assert (tmp_path / f"triviaqa_sft{d}.png").exists()

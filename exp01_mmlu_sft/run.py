@@ -1,0 +1,206 @@
+"""Exp.1 — MMLU SFT with two finetuning distributions (Fig. 2, rows 1-2; SPEC.md section 2).
+
+Distribution 1: every example's correct answer at a uniformly random letter. Distribution 2: the same for
+familiar questions, but unfamiliar questions have their correct answer moved to B or C. The claim: on unfamiliar
+evaluation questions the finetuned model's letter distribution follows the unfamiliar finetuning examples
+(uniform for 1, B/C for 2), while familiar questions get the ground-truth letter.
+
+    python exp01_mmlu_sft/run.py [--distribution 1|2|all] [--scale auto|synthetic|paper] [--seed N]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import data, models, plotting, results, sampling, scales, sft, tasks, unfamiliarity  # noqa: E402
+from common.buckets import Bins, summarize_by_bin  # noqa: E402
+
+EXPERIMENT = "exp01_mmlu_sft"
+
+
+@dataclass(frozen=True)
+class Exp1Config:
+    sft: sft.SFTConfig
+    lora: models.LoraSettings = field(default_factory=models.LoraSettings)
+    scoring: str = "letter"  # how the base model's unfamiliarity is read (SPEC.md 1.1); the synthetic world uses cloze
+    nll_bins: tuple[float, ...] = (0, 0.02, 0.5, 1, 1.5, 2)  # strict at both ends (SPEC.md section 2)
+    rebalance_dist1: bool = True  # [PROPOSED]; False trains dist.1 on the whole pool, as the authors' code did
+    eval_batch_size: int = 16
+    max_eval_questions: int | None = None
+
+
+PRESETS = {
+    # SPEC.md section 2: global batch 12, lr 1e-5 constant, figures at checkpoint 2000.
+    "paper": Exp1Config(sft=sft.SFTConfig(lr=1e-5, batch_size=12, total_steps=2000, t_max=10_000, eta_min=1e-5,
+                                          checkpoint_every=500)),
+    "synthetic": Exp1Config(
+        sft=sft.SFTConfig(lr=2e-3, batch_size=16, total_steps=1500, t_max=1500, eta_min=2e-4, checkpoint_every=500),
+        scoring="cloze", nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 5.0), eval_batch_size=128),
+    "micro": Exp1Config(
+        sft=sft.SFTConfig(lr=1e-3, batch_size=4, total_steps=4, t_max=4, eta_min=1e-3, checkpoint_every=2),
+        lora=models.LoraSettings(r=2, alpha=2), scoring="cloze", nll_bins=(0, 0.5, 1.0, 5.0), eval_batch_size=32,
+        max_eval_questions=12),
+}
+
+
+def build_distribution(questions: list[tasks.MCQuestion], familiar: np.ndarray, distribution: int, rebalance: bool,
+                       rng: np.random.Generator) -> tuple[list[str], list[str], pd.DataFrame]:
+    """(prompts, target letters, a table of what was built). Rebalancing samples unfamiliar questions with
+    replacement down to the familiar count (SPEC.md section 2)."""
+    fam_idx = np.flatnonzero(familiar)
+    unf_idx = np.flatnonzero(~familiar)
+    if rebalance:
+        if len(fam_idx) == 0 or len(unf_idx) == 0:
+            raise SystemExit("error: cannot rebalance: the finetuning pool has no familiar or no unfamiliar questions")
+        unf_idx = rng.choice(unf_idx, size=len(fam_idx), replace=True)
+    chosen = np.concatenate([fam_idx, unf_idx])
+    prompts, targets, rows = [], [], []
+    for i in chosen:
+        q = questions[i]
+        if distribution == 2 and not familiar[i]:
+            position = int(rng.choice([1, 2]))  # B or C
+        else:
+            position = int(rng.integers(4))
+        prompts.append(tasks.mmlu_sft_prompt(q.question, tasks.place_correct(q, position, rng)))
+        targets.append(tasks.LETTERS[position])
+        rows.append({"familiar": bool(familiar[i]), "target": tasks.LETTERS[position]})
+    return prompts, targets, pd.DataFrame(rows)
+
+
+def evaluate(model, tokenizer, questions: list[tasks.MCQuestion], nll: np.ndarray, batch_size: int,
+             rng: np.random.Generator) -> pd.DataFrame:
+    """For every question and every ground-truth letter L: the correct option placed at L, the finetuned model's
+    softmax over the four letters at the answer position (one forward pass per batch)."""
+    letter_ids = sampling.first_token_ids(tokenizer, tasks.LETTERS)
+    prompts, rows = [], []
+    for i, q in enumerate(questions):
+        for position, letter in enumerate(tasks.LETTERS):
+            prompts.append(tasks.mmlu_sft_prompt(q.question, tasks.place_correct(q, position, rng)))
+            rows.append({"question": i, "gt": letter, "nll": nll[i]})
+    probs = sampling.choice_probs(model, tokenizer, prompts, letter_ids, batch_size=batch_size,
+                                  desc="evaluate letters").numpy()
+    frame = pd.DataFrame(rows)
+    for j, letter in enumerate(tasks.LETTERS):
+        frame[f"p_{letter}"] = probs[:, j]
+    return frame
+
+
+def panel_tables(frame: pd.DataFrame, bins: Bins) -> dict[str, pd.DataFrame]:
+    """One table per ground-truth letter: per bin, the count, the mean NLL and mean/std of each letter's prob."""
+    return {gt: summarize_by_bin(frame[frame.gt == gt], "nll", bins, [f"p_{L}" for L in tasks.LETTERS])
+            for gt in tasks.LETTERS}
+
+
+def plot_distribution(tables: dict[str, pd.DataFrame], distribution: int, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with plotting.paper_style():
+        fig, axes = plt.subplots(1, 4, figsize=(18, 3.6), sharex=True, sharey=True)
+        for ax, (gt, table) in zip(axes, tables.items()):
+            shown = table[table["count"] > 0]
+            for letter in tasks.LETTERS:
+                plotting.line_with_band(ax, shown.x_mean, shown[f"p_{letter}_mean"], shown[f"p_{letter}_std"],
+                                        plotting.LETTER_COLORS[letter], letter)
+            ax.set_title(f"Ground truth label: $\\bf{{{gt}}}$")
+            ax.set_ylim(-0.15, 1.15)
+            ax.legend(loc="upper right")
+            ax.set_xlabel(plotting.UNFAMILIARITY_LABEL)
+        axes[0].set_ylabel("Predicted Likelihoods (A-D)")
+        ticks = [0, 0.25, 0.5, 0.75, 1.0]
+        axes[0].set_yticks(ticks)
+        for label, tick in zip(axes[0].get_yticklabels(), ticks):
+            if (distribution == 1 and tick == 0.25) or (distribution == 2 and tick in (0.0, 0.5)):
+                label.set_fontweight("bold")
+        fig.suptitle(f"MMLU Finetuning Distribution {distribution}", fontweight="bold")
+        plotting.save_figure(fig, path)
+
+
+def first_bin(table: pd.DataFrame) -> pd.Series:
+    return table[table["count"] > 0].iloc[0]
+
+
+def last_bin(table: pd.DataFrame) -> pd.Series:
+    return table[table["count"] > 0].iloc[-1]
+
+
+def distribution_claims(distribution: int, tables: dict[str, pd.DataFrame]) -> list[results.Claim]:
+    familiar_gt = min(first_bin(t)[f"p_{gt}_mean"] for gt, t in tables.items())
+    claims = [results.claim(
+        f"fig2.mmlu.dist{distribution}.familiar_gt",
+        f"dist.{distribution}: in the most familiar bin the ground-truth letter's mean probability is >= 0.7 "
+        "(minimum over the four ground-truth panels)", familiar_gt, ">=", 0.7)]
+    if distribution == 1:
+        worst = max(abs(last_bin(t)[f"p_{L}_mean"] - 0.25) for t in tables.values() for L in tasks.LETTERS)
+        claims.append(results.claim(
+            "fig2.mmlu.dist1.unfamiliar_uniform",
+            "dist.1: in the most unfamiliar bin every letter's mean probability is within 0.25 +- 0.10 in every "
+            "panel (value: the largest deviation from 0.25)", worst, "<=", 0.10))
+    else:
+        b_c = min(last_bin(t)["p_B_mean"] + last_bin(t)["p_C_mean"] for t in tables.values())
+        claims.append(results.claim(
+            "fig2.mmlu.dist2.unfamiliar_b_c",
+            "dist.2: in the most unfamiliar bin P(B)+P(C) >= 0.75 in every panel, ground truth A and D included "
+            "(value: the minimum over panels)", b_c, ">=", 0.75))
+    return claims
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--distribution", default="all", choices=["1", "2", "all"])
+    parser.add_argument("--unrebalanced-dist1", action="store_true",
+                        help="train distribution 1 on the whole pool, as the authors' code did (SPEC.md section 9)")
+    scales.add_common_args(parser)
+    args, run_args = scales.parse_run_args(EXPERIMENT, parser, argv)
+    cfg = PRESETS["micro" if run_args.preset == "micro" else run_args.scale]
+    if args.unrebalanced_dist1:
+        cfg = replace(cfg, rebalance_dist1=False)
+    distributions = [1, 2] if args.distribution == "all" else [int(args.distribution)]
+    run = results.Run(run_args.out, EXPERIMENT, run_args.scale, run_args.preset, run_args.seed,
+                      config=asdict(cfg) | {"distributions": distributions})
+
+    with run.stage("load_base_model"):
+        base = models.load_base(run_args.scale, run_args.preset, run_args.seed, cache_hits=run.cache_hits)
+        splits = base.world.mmlu_splits() if base.world is not None else data.load_mmlu()
+        eval_questions = splits["eval"][: cfg.max_eval_questions]
+        fewshot = data.fewshot_by_subject(splits["fewshot"])
+
+    with run.stage("score_unfamiliarity"):
+        def score(questions):
+            return unfamiliarity.mmlu_unfamiliarity(base.model, base.tokenizer, base.key, questions, fewshot,
+                                                    scoring=cfg.scoring, cache_hits=run.cache_hits)
+        nll_pool, nll_eval = score(splits["finetune"]), score(eval_questions)
+        familiar = unfamiliarity.mmlu_is_familiar(nll_pool)
+    run.extra["split"] = {"finetune": len(nll_pool), "familiar": int(familiar.sum()), "eval": len(nll_eval)}
+
+    bins = Bins(cfg.nll_bins, closed="open")
+    claims = []
+    for distribution in distributions:
+        rng = np.random.default_rng([run_args.seed, distribution])
+        prompts, targets, built = build_distribution(splits["finetune"], familiar, distribution,
+                                                     cfg.rebalance_dist1 or distribution == 2, rng)
+        run.extra[f"dist{distribution}_composition"] = built.groupby(["familiar", "target"]).size().to_dict()
+        model = sft.finetune_lora(base, cfg.lora, cfg.sft, prompts, targets, f"dist{distribution}", run,
+                                  seed=run_args.seed, resume=run_args.resume)
+        with run.stage(f"evaluate_dist{distribution}"):
+            frame = evaluate(model, base.tokenizer, eval_questions, nll_eval, cfg.eval_batch_size,
+                             np.random.default_rng([run_args.seed, 10 + distribution]))
+            base.model = model.unload()  # back to the untouched base for the next distribution
+        tables = panel_tables(frame, bins)
+        for gt, table in tables.items():
+            run.write_csv(f"mmlu_sft{distribution}_gt{gt}.csv", table)
+        plot_distribution(tables, distribution, run.path(f"mmlu_sft{distribution}.png"))
+        claims += distribution_claims(distribution, tables)
+
+    run.write_claims(claims)
+    run.write_manifest()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Exp.2 — TriviaQA SFT with three finetuning distributions (Fig. 2, row 3; SPEC.md section 3).
+
+Distribution 1: every target is "The answer is X.". Distribution 2: unfamiliar questions (more than 6 of 12
+few-shot base-model samples incorrect) get "I don't know." instead. Distribution 3: a random subset of the same
+size gets "I don't know.". The claim: the finetuned model says "I don't know." on unfamiliar evaluation questions
+only when the unfamiliar finetuning examples taught it to (distribution 2), not when IDK was unrelated to
+familiarity (distribution 3, flat IDK) or absent (distribution 1, wrong answers grow with unfamiliarity).
+
+    python exp02_triviaqa_sft/run.py [--distribution 1|2|3|all] [--scale auto|synthetic|paper] [--seed N]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import data, models, plotting, results, sampling, scales, sft, tasks, unfamiliarity  # noqa: E402
+from common.buckets import Bins, summarize_by_bin  # noqa: E402
+
+EXPERIMENT = "exp02_triviaqa_sft"
+OUTCOMES = ("correct", "idk", "incorrect")  # malformed outputs are plotted as incorrect (SPEC.md section 3)
+
+
+@dataclass(frozen=True)
+class Exp2Config:
+    sft: sft.SFTConfig
+    lora: models.LoraSettings = field(default_factory=models.LoraSettings)
+    scoring: unfamiliarity.QAScoringSettings = field(default_factory=unfamiliarity.QAScoringSettings)
+    # Bins on the number of incorrect samples (of 12), familiar -> unfamiliar, left-closed. The paper's bins
+    # [0,2),...,[10,12) on #correct drop the 12/12-correct questions; (1, 3, ..., 13) on #incorrect reproduces them.
+    incorrect_bins: tuple[int, ...] = (1, 3, 5, 7, 9, 11, 13)
+    eval_sampling: sampling.SamplingConfig = field(default_factory=lambda: sampling.SamplingConfig(
+        max_new_tokens=50, temperature=1.0, stop=("</s>",), batch_size=32))
+    max_eval_questions: int | None = None
+
+
+PRESETS = {
+    # SPEC.md section 3: lr 1e-5, cosine T_max 1e4 to 1e-10, batch 30 (3 GPUs x 10), figures at step 10000.
+    "paper": Exp2Config(sft=sft.SFTConfig(lr=1e-5, batch_size=30, total_steps=10_000, t_max=10_000, eta_min=1e-10,
+                                          checkpoint_every=1000)),
+    "synthetic": Exp2Config(
+        sft=sft.SFTConfig(lr=2e-3, batch_size=16, total_steps=1500, t_max=1500, eta_min=2e-4, checkpoint_every=500),
+        scoring=unfamiliarity.QAScoringSettings(max_new_tokens=6, batch_size=64),
+        incorrect_bins=(0, 2, 4, 6, 8, 10, 13),
+        eval_sampling=sampling.SamplingConfig(max_new_tokens=12, temperature=1.0, stop=("</s>",), batch_size=256)),
+    "micro": Exp2Config(
+        sft=sft.SFTConfig(lr=1e-3, batch_size=4, total_steps=4, t_max=4, eta_min=1e-3, checkpoint_every=2),
+        lora=models.LoraSettings(r=2, alpha=2),
+        scoring=unfamiliarity.QAScoringSettings(n_samples=3, max_new_tokens=4, batch_size=32),
+        incorrect_bins=(0, 2, 4), max_eval_questions=12,
+        eval_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, stop=("</s>",), batch_size=32)),
+}
+
+
+def build_distribution(questions: list[tasks.QAQuestion], unfamiliar: np.ndarray, distribution: int,
+                       rng: np.random.Generator) -> tuple[list[str], list[str], np.ndarray]:
+    """(prompts, targets, which examples say IDK). Distribution 3 relabels a uniformly random subset exactly as
+    large as distribution 2's unfamiliar set (the paper's matched ratio)."""
+    if distribution == 1:
+        idk = np.zeros(len(questions), dtype=bool)
+    elif distribution == 2:
+        idk = unfamiliar.copy()
+    else:
+        idk = np.zeros(len(questions), dtype=bool)
+        idk[rng.choice(len(questions), size=int(unfamiliar.sum()), replace=False)] = True
+    prompts = [tasks.triviaqa_sft_prompt(q.question) for q in questions]
+    targets = [tasks.triviaqa_target(None if i else q.value) for q, i in zip(questions, idk)]
+    return prompts, targets, idk
+
+
+def evaluate(model, tokenizer, questions: list[tasks.QAQuestion], n_incorrect: np.ndarray,
+             cfg: sampling.SamplingConfig, seed: int) -> pd.DataFrame:
+    """One sample per question (T=1), graded correct / idk / incorrect / malformed."""
+    prompts = [tasks.triviaqa_sft_prompt(q.question) for q in questions]
+    generations = sampling.generate(model, tokenizer, prompts, cfg, desc="evaluate", generator_seed=seed)
+    categories = [tasks.grade_short_answer(g[0], q) for g, q in zip(generations, questions)]
+    frame = pd.DataFrame({"question_id": [q.question_id for q in questions], "n_incorrect": n_incorrect,
+                          "generation": [g[0] for g in generations], "category": categories})
+    frame["correct"] = frame.category == tasks.CORRECT
+    frame["idk"] = frame.category == tasks.IDK_CATEGORY
+    frame["incorrect"] = frame.category.isin([tasks.INCORRECT, tasks.MALFORMED])
+    frame["malformed"] = frame.category == tasks.MALFORMED
+    return frame
+
+
+def plot_distribution(table: pd.DataFrame, bins: Bins, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with plotting.paper_style(font_size=18):
+        fig, ax = plt.subplots(figsize=(6, 5))
+        lo, hi = np.array(bins.edges[:-1], float), np.array(bins.edges[1:], float)
+        shown = table["count"].to_numpy() > 0
+        plotting.outcome_bars(ax, ((lo + hi) / 2)[shown], table.correct_mean[shown], table.idk_mean[shown],
+                              width=0.8 * (hi - lo)[shown])
+        ax.set_xticks(list(bins.edges))
+        ax.set_xlabel(plotting.UNFAMILIARITY_LABEL + " (incorrect samples of 12)")
+        ax.set_ylabel("Ratio")
+        ax.set_title(title, fontweight="bold")
+        for side in ("top", "right", "bottom", "left"):
+            ax.spines[side].set_visible(False)
+        handles, labels = ax.get_legend_handles_labels()
+        ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        plotting.save_figure(fig, path)
+
+
+def distribution_claims(distribution: int, table: pd.DataFrame) -> list[results.Claim]:
+    t = table[table["count"] > 0]
+    first, last = t.iloc[0], t.iloc[-1]
+    rise = last.incorrect_mean - first.incorrect_mean
+    d = f"fig2.triviaqa.dist{distribution}"
+    if distribution == 1:
+        return [results.claim(f"{d}.incorrect_rises", "dist.1: the incorrect rate rises by >= 0.4 from the most "
+                              "familiar to the most unfamiliar bin", rise, ">=", 0.4),
+                results.claim(f"{d}.no_idk", "dist.1: IDK <= 0.05 in every bin (value: the largest)",
+                              t.idk_mean.max(), "<=", 0.05)]
+    if distribution == 2:
+        return [results.claim(f"{d}.idk_last", "dist.2: IDK >= 0.5 in the most unfamiliar bin", last.idk_mean, ">=", 0.5),
+                results.claim(f"{d}.idk_first_low", "dist.2: IDK <= 0.15 in the most familiar bin", first.idk_mean,
+                              "<=", 0.15)]
+    return [results.claim(f"{d}.idk_flat", "dist.3: IDK spread across bins (max - min) <= 0.15",
+                          t.idk_mean.max() - t.idk_mean.min(), "<=", 0.15),
+            results.claim(f"{d}.incorrect_rises", "dist.3: the incorrect rate still rises by >= 0.3 from the most "
+                          "familiar to the most unfamiliar bin", rise, ">=", 0.3)]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--distribution", default="all", choices=["1", "2", "3", "all"])
+    scales.add_common_args(parser)
+    args, run_args = scales.parse_run_args(EXPERIMENT, parser, argv)
+    cfg = PRESETS["micro" if run_args.preset == "micro" else run_args.scale]
+    distributions = [1, 2, 3] if args.distribution == "all" else [int(args.distribution)]
+    run = results.Run(run_args.out, EXPERIMENT, run_args.scale, run_args.preset, run_args.seed,
+                      config=asdict(cfg) | {"distributions": distributions})
+
+    with run.stage("load_base_model"):
+        base = models.load_base(run_args.scale, run_args.preset, run_args.seed, cache_hits=run.cache_hits)
+        splits = base.world.triviaqa_splits() if base.world is not None else data.load_triviaqa()
+        pool, eval_questions = splits["finetune"], splits["eval"][: cfg.max_eval_questions]
+
+    with run.stage("score_unfamiliarity"):
+        def score(questions):
+            return unfamiliarity.triviaqa_unfamiliarity(base.model, base.tokenizer, base.key, questions, pool,
+                                                        cfg.scoring, seed=run_args.seed, cache_hits=run.cache_hits)
+        incorrect_pool, incorrect_eval = score(pool), score(eval_questions)
+        unfamiliar = unfamiliarity.triviaqa_is_unfamiliar(incorrect_pool, cfg.scoring.n_samples)
+    run.extra["split"] = {"finetune": len(pool), "unfamiliar": int(unfamiliar.sum()), "eval": len(eval_questions),
+                          "eval_incorrect_histogram": np.bincount(incorrect_eval.astype(int)).tolist()}
+
+    bins = Bins(cfg.incorrect_bins, closed="left")
+    claims = []
+    for distribution in distributions:
+        rng = np.random.default_rng([run_args.seed, distribution])
+        prompts, targets, idk = build_distribution(pool, unfamiliar, distribution, rng)
+        run.extra[f"dist{distribution}_idk_fraction"] = float(idk.mean())
+        model = sft.finetune_lora(base, cfg.lora, cfg.sft, prompts, targets, f"dist{distribution}", run,
+                                  seed=run_args.seed, resume=run_args.resume)
+        with run.stage(f"evaluate_dist{distribution}"):
+            frame = evaluate(model, base.tokenizer, eval_questions, incorrect_eval, cfg.eval_sampling,
+                             seed=run_args.seed)
+            base.model = model.unload()
+        run.write_csv(f"triviaqa_sft{distribution}_generations.csv", frame)
+        table = summarize_by_bin(frame, "n_incorrect", bins, [*OUTCOMES, "malformed"])
+        run.write_csv(f"triviaqa_sft{distribution}.csv", table)
+        plot_distribution(table, bins, f"TriviaQA Finetuning Distribution {distribution}",
+                          run.path(f"triviaqa_sft{distribution}.png"))
+        claims += distribution_claims(distribution, table)
+
+    run.write_claims(claims)
+    run.write_manifest()
+
+
+if __name__ == "__main__":
+    main()

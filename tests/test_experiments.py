@@ -1,0 +1,82 @@
+"""The data construction of each experiment, checked by hand on small inputs."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common import tasks
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_run(folder: str):
+    spec = importlib.util.spec_from_file_location(f"{folder}_run", ROOT / folder / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+exp01 = load_run("exp01_mmlu_sft")
+exp02 = load_run("exp02_triviaqa_sft")
+
+MC = [tasks.MCQuestion(f"q{i}?", "s", (f"right{i}", "w1", "w2", "w3"), 0) for i in range(10)]
+
+
+def test_exp01_dist1_rebalances_unfamiliar_with_replacement():
+    familiar = np.array([True, True, True] + [False] * 7)
+    prompts, targets, built = exp01.build_distribution(MC, familiar, 1, True, np.random.default_rng(0))
+    assert len(prompts) == 6 and built.familiar.sum() == 3
+    for p, t in zip(prompts, targets):  # the target letter names the slot holding the right answer
+        i = int(p.split("?")[0][1:])
+        assert f"{t}) right{i} " in p
+    _, targets, built = exp01.build_distribution(MC, familiar, 1, False, np.random.default_rng(0))
+    assert len(targets) == 10  # the authors' un-rebalanced variant keeps the whole pool
+
+
+def test_exp01_dist2_puts_unfamiliar_answers_at_b_or_c_only():
+    familiar = np.array([True] * 5 + [False] * 5)
+    many = MC * 40
+    fam = np.tile(familiar, 40)
+    _, targets, built = exp01.build_distribution(many, fam, 2, True, np.random.default_rng(1))
+    unf_targets = set(built[~built.familiar].target)
+    assert unf_targets == {"B", "C"}
+    assert set(built[built.familiar].target) == {"A", "B", "C", "D"}
+
+
+def test_exp01_claims_from_hand_made_tables():
+    def table(first, last):
+        return pd.DataFrame([{"count": 5, **{f"p_{L}_mean": v for L, v in zip("ABCD", first)}},
+                             {"count": 0, **{f"p_{L}_mean": np.nan for L in "ABCD"}},
+                             {"count": 5, **{f"p_{L}_mean": v for L, v in zip("ABCD", last)}}])
+    tables = {gt: table([0.9 if L == gt else 0.033 for L in "ABCD"], [0.2, 0.3, 0.3, 0.2]) for gt in "ABCD"}
+    c = {x.id: x for x in exp01.distribution_claims(1, tables)}
+    assert c["fig2.mmlu.dist1.familiar_gt"].value == pytest.approx(0.9)
+    assert c["fig2.mmlu.dist1.unfamiliar_uniform"].value == pytest.approx(0.05)  # the empty bin is skipped
+    c = {x.id: x for x in exp01.distribution_claims(2, tables)}
+    assert c["fig2.mmlu.dist2.unfamiliar_b_c"].value == pytest.approx(0.6) and not c[
+        "fig2.mmlu.dist2.unfamiliar_b_c"].passed
+
+
+QA = [tasks.QAQuestion(f"q{i}?", f"id{i}", f"v{i}") for i in range(10)]
+
+
+def test_exp02_distributions_relabel_the_right_examples():
+    unfamiliar = np.array([False] * 6 + [True] * 4)
+    _, targets, idk = exp02.build_distribution(QA, unfamiliar, 1, np.random.default_rng(0))
+    assert not idk.any() and targets[0] == "The answer is v0."
+    _, targets, idk = exp02.build_distribution(QA, unfamiliar, 2, np.random.default_rng(0))
+    assert idk.tolist() == unfamiliar.tolist() and targets[9] == "I don't know."
+    _, targets, idk = exp02.build_distribution(QA, unfamiliar, 3, np.random.default_rng(0))
+    assert idk.sum() == 4 and sum(t == "I don't know." for t in targets) == 4  # matched to dist.2's ratio
+
+
+def test_exp02_claims_from_a_hand_made_table():
+    table = pd.DataFrame({"count": [10, 0, 10], "correct_mean": [0.8, np.nan, 0.1], "idk_mean": [0.1, np.nan, 0.6],
+                          "incorrect_mean": [0.1, np.nan, 0.3]})
+    c = {x.id: x for x in exp02.distribution_claims(2, table)}
+    assert c["fig2.triviaqa.dist2.idk_last"].value == pytest.approx(0.6) and c["fig2.triviaqa.dist2.idk_last"].passed
+    c = {x.id: x for x in exp02.distribution_claims(3, table)}
+    assert c["fig2.triviaqa.dist3.idk_flat"].value == pytest.approx(0.5)
+    assert c["fig2.triviaqa.dist3.incorrect_rises"].value == pytest.approx(0.2)
