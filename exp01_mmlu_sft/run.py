@@ -32,6 +32,7 @@ class Exp1Config:
     scoring: str = "letter"  # how the base model's unfamiliarity is read (SPEC.md 1.1); the synthetic world uses cloze
     nll_bins: tuple[float, ...] = (0, 0.02, 0.5, 1, 1.5, 2)  # strict at both ends (SPEC.md section 2)
     rebalance_dist1: bool = True  # [PROPOSED]; False trains dist.1 on the whole pool, as the authors' code did
+    rebalance_dist2: bool = True  # off only for the micro preset, whose untrained world knows nothing
     eval_batch_size: int = 16
     max_eval_questions: int | None = None
 
@@ -46,7 +47,7 @@ PRESETS = {
     "micro": Exp1Config(
         sft=sft.SFTConfig(lr=1e-3, batch_size=4, total_steps=4, t_max=4, eta_min=1e-3, checkpoint_every=2),
         lora=models.LoraSettings(r=2, alpha=2), scoring="cloze", nll_bins=(0, 0.5, 1.0, 5.0), eval_batch_size=32,
-        max_eval_questions=12),
+        max_eval_questions=12, rebalance_dist1=False, rebalance_dist2=False),
 }
 
 
@@ -94,7 +95,7 @@ def evaluate(model, tokenizer, questions: list[tasks.MCQuestion], nll: np.ndarra
 
 def panel_tables(frame: pd.DataFrame, bins: Bins) -> dict[str, pd.DataFrame]:
     """One table per ground-truth letter: per bin, the count, the mean NLL and mean/std of each letter's prob."""
-    return {gt: summarize_by_bin(frame[frame.gt == gt], "nll", bins, [f"p_{L}" for L in tasks.LETTERS])
+    return {gt: summarize_by_bin(frame[frame["gt"] == gt], "nll", bins, [f"p_{L}" for L in tasks.LETTERS])
             for gt in tasks.LETTERS}
 
 
@@ -184,8 +185,11 @@ def main(argv=None) -> None:
     for distribution in distributions:
         rng = np.random.default_rng([run_args.seed, distribution])
         prompts, targets, built = build_distribution(splits["finetune"], familiar, distribution,
-                                                     cfg.rebalance_dist1 or distribution == 2, rng)
-        run.extra[f"dist{distribution}_composition"] = built.groupby(["familiar", "target"]).size().to_dict()
+                                                     cfg.rebalance_dist1 if distribution == 1 else cfg.rebalance_dist2,
+                                                     rng)
+        run.extra[f"dist{distribution}_targets"] = {
+            group: built[built.familiar == (group == "familiar")].target.value_counts().sort_index().to_dict()
+            for group in ("familiar", "unfamiliar")}
         model = sft.finetune_lora(base, cfg.lora, cfg.sft, prompts, targets, f"dist{distribution}", run,
                                   seed=run_args.seed, resume=run_args.resume)
         with run.stage(f"evaluate_dist{distribution}"):

@@ -1,5 +1,6 @@
 """The data construction of each experiment, checked by hand on small inputs."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def load_run(folder: str):
     spec = importlib.util.spec_from_file_location(f"{folder}_run", ROOT / folder / "run.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
 
