@@ -52,6 +52,9 @@ def load_hf_model(model_id: str, dtype: torch.dtype | None = None, device: str |
     return model, prepare_tokenizer(tokenizer)
 
 
+MICRO_LORA = LoraSettings(r=2, alpha=2)  # the micro preset's tiny adapters (tests only)
+
+
 @dataclass
 class Base:
     """The pretrained base model of a run, its tokenizer, a cache key naming it, and (synthetic scale) its world."""

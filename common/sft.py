@@ -19,6 +19,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from common import cache, models
+
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -37,6 +39,12 @@ class SFTConfig:
     checkpoint_every: int = 500
     max_length: int = 1024
     log_every: int = 10
+
+
+# The CPU scales' SFT settings, shared by the experiments (each paper-scale setting is its experiment's own):
+# the tiny synthetic model needs a far larger learning rate than Llama-2-7B's 1e-5.
+SYNTHETIC_SFT = SFTConfig(lr=2e-3, batch_size=16, total_steps=1500, t_max=1500, eta_min=2e-4, checkpoint_every=500)
+MICRO_SFT = SFTConfig(lr=1e-3, batch_size=4, total_steps=4, t_max=4, eta_min=1e-3, checkpoint_every=2)
 
 
 def with_eos(response: str, eos: str = "</s>") -> str:
@@ -185,8 +193,6 @@ def finetune_lora(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses:
     """Add a fresh LoRA adapter to `base.model` and SFT it on the pairs, or load the finished adapter from the
     cache (keyed by the base model, every setting and every pair). Returns the adapted model; call `.unload()`
     on it to get the untouched base back for the next variant."""
-    from common import cache, models
-
     model = models.add_lora(base.model, lora)
     out_dir = cache.cache_dir("sft", base.key, lora, cfg, seed, list(prompts), list(responses))
     run.cache_hits[f"sft_{name}"] = is_finished(out_dir, cfg)

@@ -111,6 +111,7 @@ class WorldConfig:
     doc_mix: tuple = (("statement", 0.4), ("qa", 0.2), ("mc", 0.1), ("profile", 0.3))
     n_comprehension_docs: int = 600  # in-context multiple-choice reading items: teach letter answering
     filler_repeats: int = 40
+    trailing_space_frac: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,9 @@ def build_corpus(entities: list[Entity], cfg: WorldConfig, seed: int) -> list[st
             docs.append(entity_document(entity, str(kind), rng))
     docs += [comprehension_document(rng) for _ in range(cfg.n_comprehension_docs)]
     docs += list(FILLER) * cfg.filler_repeats
+    # Some documents end in a space, as web text does: the lone-space token (Llama's "▁") is then a trained token,
+    # as it must be, since the SFT formats put one at the end of prompts (", Answer: ") and before " </s>".
+    docs = [d + " " if rng.random() < cfg.trailing_space_frac else d for d in docs]
     rng.shuffle(docs)
     return docs
 

@@ -42,11 +42,11 @@ PRESETS = {
     "paper": Exp1Config(sft=sft.SFTConfig(lr=1e-5, batch_size=12, total_steps=2000, t_max=10_000, eta_min=1e-5,
                                           checkpoint_every=500)),
     "synthetic": Exp1Config(
-        sft=sft.SFTConfig(lr=2e-3, batch_size=16, total_steps=1500, t_max=1500, eta_min=2e-4, checkpoint_every=500),
+        sft=sft.SYNTHETIC_SFT,
         scoring="cloze", nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 5.0), eval_batch_size=128),
     "micro": Exp1Config(
-        sft=sft.SFTConfig(lr=1e-3, batch_size=4, total_steps=4, t_max=4, eta_min=1e-3, checkpoint_every=2),
-        lora=models.LoraSettings(r=2, alpha=2), scoring="cloze", nll_bins=(0, 0.5, 1.0, 5.0), eval_batch_size=32,
+        sft=sft.MICRO_SFT,
+        lora=models.MICRO_LORA, scoring="cloze", nll_bins=(0, 0.5, 1.0, 5.0), eval_batch_size=32,
         max_eval_questions=12, rebalance_dist1=False, rebalance_dist2=False),
 }
 

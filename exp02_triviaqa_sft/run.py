@@ -45,13 +45,13 @@ PRESETS = {
     "paper": Exp2Config(sft=sft.SFTConfig(lr=1e-5, batch_size=30, total_steps=10_000, t_max=10_000, eta_min=1e-10,
                                           checkpoint_every=1000)),
     "synthetic": Exp2Config(
-        sft=sft.SFTConfig(lr=2e-3, batch_size=16, total_steps=1500, t_max=1500, eta_min=2e-4, checkpoint_every=500),
+        sft=sft.SYNTHETIC_SFT,
         scoring=unfamiliarity.QAScoringSettings(max_new_tokens=6, batch_size=64),
         incorrect_bins=(0, 2, 4, 6, 8, 10, 13),
         eval_sampling=sampling.SamplingConfig(max_new_tokens=12, temperature=1.0, stop=("</s>",), batch_size=256)),
     "micro": Exp2Config(
-        sft=sft.SFTConfig(lr=1e-3, batch_size=4, total_steps=4, t_max=4, eta_min=1e-3, checkpoint_every=2),
-        lora=models.LoraSettings(r=2, alpha=2),
+        sft=sft.MICRO_SFT,
+        lora=models.MICRO_LORA,
         scoring=unfamiliarity.QAScoringSettings(n_samples=3, max_new_tokens=4, batch_size=32),
         incorrect_bins=(0, 2, 4), max_eval_questions=12,
         eval_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, stop=("</s>",), batch_size=32)),
