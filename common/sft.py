@@ -43,7 +43,7 @@ class SFTConfig:
 
 # The CPU scales' SFT settings, shared by the experiments (each paper-scale setting is its experiment's own):
 # the tiny synthetic model needs a far larger learning rate than Llama-2-7B's 1e-5.
-SYNTHETIC_SFT = SFTConfig(lr=2e-3, batch_size=16, total_steps=1500, t_max=1500, eta_min=2e-4, checkpoint_every=500)
+SYNTHETIC_SFT = SFTConfig(lr=2e-3, batch_size=16, total_steps=3000, t_max=3000, eta_min=2e-4, checkpoint_every=1000)
 MICRO_SFT = SFTConfig(lr=1e-3, batch_size=4, total_steps=4, t_max=4, eta_min=1e-3, checkpoint_every=2)
 
 

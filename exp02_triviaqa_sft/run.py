@@ -36,7 +36,7 @@ class Exp2Config:
     # [0,2),...,[10,12) on #correct drop the 12/12-correct questions; (1, 3, ..., 13) on #incorrect reproduces them.
     incorrect_bins: tuple[int, ...] = (1, 3, 5, 7, 9, 11, 13)
     eval_sampling: sampling.SamplingConfig = field(default_factory=lambda: sampling.SamplingConfig(
-        max_new_tokens=50, temperature=1.0, stop=("</s>",), batch_size=32))
+        max_new_tokens=50, temperature=1.0, batch_size=32))  # EOS ends a sample; graders strip " </s>"
     max_eval_questions: int | None = None
 
 
@@ -48,13 +48,13 @@ PRESETS = {
         sft=sft.SYNTHETIC_SFT,
         scoring=unfamiliarity.QAScoringSettings(max_new_tokens=6, batch_size=64),
         incorrect_bins=(0, 2, 4, 6, 8, 10, 13),
-        eval_sampling=sampling.SamplingConfig(max_new_tokens=12, temperature=1.0, stop=("</s>",), batch_size=256)),
+        eval_sampling=sampling.SamplingConfig(max_new_tokens=12, temperature=1.0, batch_size=256)),
     "micro": Exp2Config(
         sft=sft.MICRO_SFT,
         lora=models.MICRO_LORA,
         scoring=unfamiliarity.QAScoringSettings(n_samples=3, max_new_tokens=4, batch_size=32),
         incorrect_bins=(0, 2, 4), max_eval_questions=12,
-        eval_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, stop=("</s>",), batch_size=32)),
+        eval_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, batch_size=32)),
 }
 
 
