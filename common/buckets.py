@@ -57,6 +57,11 @@ def quantile_bins(scores: Sequence[float], n: int) -> Bins:
     return Bins(tuple(float(e) for e in edges), closed="left")
 
 
+def occupied(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a `summarize_by_bin` table that hold data: what is plotted and what claims read."""
+    return table[table["count"] > 0]
+
+
 def summarize_by_bin(frame: pd.DataFrame, score_col: str, bins: Bins, value_cols: Sequence[str]) -> pd.DataFrame:
     """Per bin: count, mean score (the plotted x), and mean and std of each value column.
 

@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from common import cache, models
 
-
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
@@ -145,7 +144,7 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
     optimizer, scheduler = make_optimizer(model, cfg)
     step, history = 0, []
     last_good = latest_checkpoint(out_dir)
-    if last_good is not None and (resume or _step_of(last_good) >= cfg.total_steps):
+    if last_good is not None and (resume or is_finished(out_dir, cfg)):
         # A finished run in this folder is a cache hit; an unfinished one continues only when asked to.
         step, history = load_checkpoint(model, optimizer, scheduler, last_good)
         log.info("%s: %s %s (step %d)", desc, "loaded" if step >= cfg.total_steps else "resumed from",

@@ -86,7 +86,7 @@ def grade_short_answer(generation: str, question: QAQuestion) -> str:
 
 def grade_fewshot_sample(generation: str, question: QAQuestion) -> bool:
     """Grade one few-shot base-model sample (SPEC.md 1.2): cut at the first newline or EOS, normalised match."""
-    answer = generation.split("\n", 1)[0].split("</s>", 1)[0]
+    answer = strip_eos(generation.split("\n", 1)[0])
     return matches_gold(answer, (question.value, *question.aliases))
 
 
@@ -115,14 +115,14 @@ def mc_block(question: MCQuestion, choices: Sequence[str] | None = None) -> str:
     return "\n".join(lines) + "\nAnswer:"
 
 
+def mmlu_header(subject: str) -> str:
+    return f"The following are multiple choice questions (with answers) about {format_subject(subject)}.\n\n"
+
+
 def mmlu_fewshot_prompt(question: MCQuestion, exemplars: Sequence[MCQuestion]) -> str:
     """The 5-shot MMLU prompt used to score unfamiliarity (SPEC.md 1.1); ends in "Answer:" with no space."""
-    header = (
-        "The following are multiple choice questions (with answers) about "
-        f"{format_subject(question.subject)}.\n\n"
-    )
     shots = "".join(f"{mc_block(ex)} {LETTERS[ex.answer]}\n\n" for ex in exemplars)
-    return header + shots + mc_block(question)
+    return mmlu_header(question.subject) + shots + mc_block(question)
 
 
 def mmlu_sft_prompt(question: str, choices: Sequence[str]) -> str:

@@ -227,10 +227,7 @@ def entity_document(entity: Entity, kind: str, rng: np.random.Generator) -> str:
         return "\n\n".join(f"Q: {a.question.format(e=entity.name)}\nA: {entity.facts[a.name]}" for a in chosen)
     item = mc_item(entity, chosen[0], rng)  # an exam item with its letter answer, sometimes under MMLU's header
     body = f"{tasks.mc_block(item)} {tasks.LETTERS[item.answer]}"
-    if rng.random() < 0.3:
-        body = ("The following are multiple choice questions (with answers) about "
-                f"{tasks.format_subject(item.subject)}.\n\n{body}")
-    return body
+    return tasks.mmlu_header(item.subject) + body if rng.random() < 0.3 else body
 
 
 def comprehension_document(rng: np.random.Generator) -> str:
@@ -385,29 +382,26 @@ class World:
         rng = np.random.default_rng([self.seed, 4, zlib.crc32(f"{entity.name}/{attribute.name}".encode())])
         return mc_item(entity, attribute, rng)
 
-    def eval_facts(self, eval_frac: float = 0.3) -> np.ndarray:
-        """A seeded random split of the facts: True marks the evaluation pool, the rest is the finetuning pool
-        (MMLU's test/validation and TriviaQA's train/validation roles)."""
-        rng = np.random.default_rng([self.seed, 6])
-        return rng.random(len(self.facts())) < eval_frac
+    def split_facts(self, question_of, eval_frac: float = 0.3) -> dict[str, list]:
+        """Every fact as a question, split at random (seeded, the same split for every task view) into the
+        finetuning and evaluation pools (MMLU's test/validation and TriviaQA's train/validation roles)."""
+        facts = self.facts()
+        is_eval = np.random.default_rng([self.seed, 6]).random(len(facts)) < eval_frac
+        questions = [question_of(e, a) for e, a in facts]
+        return {"finetune": [q for q, ev in zip(questions, is_eval) if not ev],
+                "eval": [q for q, ev in zip(questions, is_eval) if ev]}
 
     def mmlu_splits(self, eval_frac: float = 0.3, n_fewshot: int = 5) -> dict[str, list[tasks.MCQuestion]]:
         """Multiple-choice questions in the roles of `data.load_mmlu`; few-shot exemplars come from the
         finetuning pool, five per subject."""
-        facts, is_eval = self.facts(), self.eval_facts(eval_frac)
-        questions = [self.mc_question(e, a) for e, a in facts]
-        finetune = [q for q, ev in zip(questions, is_eval) if not ev]
-        fewshot: list[tasks.MCQuestion] = []
-        for subject in ATTRIBUTES:
-            fewshot += [q for q in finetune if q.subject == subject][:n_fewshot]
-        return {"finetune": finetune, "eval": [q for q, ev in zip(questions, is_eval) if ev], "fewshot": fewshot}
+        splits = self.split_facts(self.mc_question, eval_frac)
+        by_subject = {s: [q for q in splits["finetune"] if q.subject == s][:n_fewshot] for s in ATTRIBUTES}
+        splits["fewshot"] = [q for questions in by_subject.values() for q in questions]
+        return splits
 
     def triviaqa_splits(self, eval_frac: float = 0.3) -> dict[str, list[tasks.QAQuestion]]:
         """Short-answer questions in the roles of `data.load_triviaqa`."""
-        facts, is_eval = self.facts(), self.eval_facts(eval_frac)
-        questions = [self.qa_question(e, a) for e, a in facts]
-        return {"finetune": [q for q, ev in zip(questions, is_eval) if not ev],
-                "eval": [q for q, ev in zip(questions, is_eval) if ev]}
+        return self.split_facts(self.qa_question, eval_frac)
 
 
 def world_key(preset: WorldPreset, seed: int, docs: list[str]) -> str:
@@ -448,7 +442,6 @@ def build_world(preset: WorldPreset, seed: int, entities: list[Entity], docs: li
              len(tokenizer), sum(p.numel() for p in model.parameters()) / 1e6)
     stats = pretrain(model, tokenizer, docs, preset.pretrain, preset.model.context_length, seed)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "entities.json").write_text(json.dumps([asdict(e) for e in entities]))
     tokenizer.save_pretrained(path / "tokenizer")
     model.save_pretrained(path / "model")
     info = {"n_documents": len(docs), "vocab_size": len(tokenizer),
@@ -534,7 +527,6 @@ def main(argv=None) -> None:
     args, run_args = parse_run_args("world", parser, argv)
     if run_args.scale != "synthetic" and run_args.preset != "micro":
         raise SystemExit("error: the synthetic world exists only at --scale synthetic")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     preset = world_preset(run_args.scale, run_args.preset)
     run = results.Run(run_args.out, "world", run_args.scale, run_args.preset, run_args.seed,
                       config=asdict(preset) | {"mc_scoring": MC_SCORING})

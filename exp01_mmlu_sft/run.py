@@ -20,7 +20,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import data, models, plotting, results, sampling, scales, sft, tasks, unfamiliarity  # noqa: E402
-from common.buckets import Bins, summarize_by_bin  # noqa: E402
+from common.buckets import Bins, occupied, summarize_by_bin  # noqa: E402
 
 EXPERIMENT = "exp01_mmlu_sft"
 
@@ -105,7 +105,7 @@ def plot_distribution(tables: dict[str, pd.DataFrame], distribution: int, path: 
     with plotting.paper_style():
         fig, axes = plt.subplots(1, 4, figsize=(18, 3.6), sharex=True, sharey=True)
         for ax, (gt, table) in zip(axes, tables.items()):
-            shown = table[table["count"] > 0]
+            shown = occupied(table)
             for letter in tasks.LETTERS:
                 plotting.line_with_band(ax, shown.x_mean, shown[f"p_{letter}_mean"], shown[f"p_{letter}_std"],
                                         plotting.LETTER_COLORS[letter], letter)
@@ -124,11 +124,11 @@ def plot_distribution(tables: dict[str, pd.DataFrame], distribution: int, path: 
 
 
 def first_bin(table: pd.DataFrame) -> pd.Series:
-    return table[table["count"] > 0].iloc[0]
+    return occupied(table).iloc[0]
 
 
 def last_bin(table: pd.DataFrame) -> pd.Series:
-    return table[table["count"] > 0].iloc[-1]
+    return occupied(table).iloc[-1]
 
 
 def distribution_claims(distribution: int, tables: dict[str, pd.DataFrame]) -> list[results.Claim]:

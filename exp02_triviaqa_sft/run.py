@@ -21,7 +21,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import data, models, plotting, results, sampling, scales, sft, tasks, unfamiliarity  # noqa: E402
-from common.buckets import Bins, summarize_by_bin  # noqa: E402
+from common.buckets import Bins, occupied, summarize_by_bin  # noqa: E402
 
 EXPERIMENT = "exp02_triviaqa_sft"
 OUTCOMES = ("correct", "idk", "incorrect")  # malformed outputs are plotted as incorrect (SPEC.md section 3)
@@ -110,7 +110,7 @@ def plot_distribution(table: pd.DataFrame, bins: Bins, title: str, path: Path) -
 
 
 def distribution_claims(distribution: int, table: pd.DataFrame) -> list[results.Claim]:
-    t = table[table["count"] > 0]
+    t = occupied(table)
     first, last = t.iloc[0], t.iloc[-1]
     rise = last.incorrect_mean - first.incorrect_mean
     d = f"fig2.triviaqa.dist{distribution}"
