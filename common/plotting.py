@@ -70,3 +70,53 @@ def plot_familiarity(table, path: Path, title: str) -> None:
         ax.set_title(title, fontweight="bold")
         ax.legend(frameon=False, loc="upper left")
         save_figure(fig, path)
+
+
+def letter_panels(tables: dict, title: str, path: Path, bold_ticks: Sequence[float] = (),
+                  ylabel: str = "Predicted Likelihoods (A-D)") -> None:
+    """Figure 2/3's MMLU rows: one panel per ground-truth letter, the mean probability of each answer (A-D, and
+    E when present) by unfamiliarity bin with a ±1 std band. `tables` come from `evaluation.mmlu_panel_tables`."""
+    from common.buckets import occupied
+
+    with paper_style():
+        fig, axes = plt.subplots(1, len(tables), figsize=(4.5 * len(tables), 3.6), sharex=True, sharey=True,
+                                 squeeze=False)
+        axes = axes[0]
+        for ax, (gt, table) in zip(axes, tables.items()):
+            shown = occupied(table)
+            for letter, color in LETTER_COLORS.items():
+                if f"p_{letter}_mean" in shown:
+                    line_with_band(ax, shown.x_mean, shown[f"p_{letter}_mean"], shown[f"p_{letter}_std"], color,
+                                   letter)
+            ax.set_title(f"Ground truth label: $\\bf{{{gt}}}$")
+            ax.set_ylim(-0.15, 1.15)
+            ax.legend(loc="upper right")
+            ax.set_xlabel(UNFAMILIARITY_LABEL)
+        axes[0].set_ylabel(ylabel)
+        ticks = [0, 0.25, 0.5, 0.75, 1.0]
+        axes[0].set_yticks(ticks)
+        for label, tick in zip(axes[0].get_yticklabels(), ticks):
+            if tick in bold_ticks:
+                label.set_fontweight("bold")
+        fig.suptitle(title, fontweight="bold")
+        save_figure(fig, path)
+
+
+def outcome_figure(table, edges: Sequence[float], title: str, path: Path) -> None:
+    """Figure 2/3's TriviaQA bars: stacked Correct / IDK / Incorrect ratios per bin of incorrect samples.
+    `table` comes from `evaluation.triviaqa_table`."""
+    with paper_style(font_size=18):
+        fig, ax = plt.subplots(figsize=(6, 5))
+        lo, hi = np.array(edges[:-1], float), np.array(edges[1:], float)
+        shown = table["count"].to_numpy() > 0
+        outcome_bars(ax, ((lo + hi) / 2)[shown], table.correct_mean[shown], table.idk_mean[shown],
+                     width=0.8 * (hi - lo)[shown])
+        ax.set_xticks(list(edges))
+        ax.set_xlabel(UNFAMILIARITY_LABEL + " (incorrect samples of 12)")
+        ax.set_ylabel("Ratio")
+        ax.set_title(title, fontweight="bold")
+        for side in ("top", "right", "bottom", "left"):
+            ax.spines[side].set_visible(False)
+        handles, labels = ax.get_legend_handles_labels()
+        ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        save_figure(fig, path)

@@ -162,3 +162,25 @@ class Run:
             "cache_hits": self.cache_hits,
             **self.extra,
         })
+
+
+def claims_markdown(results_root: Path, scale: str = "synthetic") -> str:
+    """The README's claims table: one row per claim id, one column per seed, read from every committed
+    `<experiment>/<scale>/seed<N>/claims.json` under `results_root`."""
+    files = sorted(results_root.glob(f"*/{scale}/seed*/claims.json"))
+    seeds = sorted({int(f.parent.name.removeprefix("seed")) for f in files})
+    rows: dict[str, dict] = {}
+    for f in files:
+        for c in json.loads(f.read_text())["claims"]:
+            row = rows.setdefault(c["id"], {"statement": f"{c['statement']} ({c['op']} {c['threshold']})"})
+            value = "n/a" if c["value"] is None else f"{c['value']:.3f}"
+            row[int(f.parent.name.removeprefix("seed"))] = f"{value} {'✅' if c['passed'] else '❌'}"
+    lines = ["| claim | statement | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|" + "---|" * len(seeds)]
+    lines += [f"| `{cid}` | {row['statement']} | " + " | ".join(row.get(s, "") for s in seeds) + " |"
+              for cid, row in rows.items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(claims_markdown(REPO_ROOT / "results", *sys.argv[1:]))

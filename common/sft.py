@@ -90,7 +90,7 @@ def make_optimizer(model, cfg: SFTConfig):
     return optimizer, scheduler
 
 
-def _step_of(ckpt: Path) -> int:
+def checkpoint_step(ckpt: Path) -> int:
     return int(ckpt.name.split("-")[1])
 
 
@@ -99,21 +99,25 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(model, optimizer, scheduler, step: int, history: list[dict], out_dir: Path) -> Path:
-    """Write into a temp folder, then rename: a crash mid-save never leaves a checkpoint that looks complete."""
+def save_checkpoint(model, optimizer, scheduler, step: int, history: list[dict], out_dir: Path,
+                    modules: dict[str, torch.nn.Module] | None = None) -> Path:
+    """Write into a temp folder, then rename: a crash mid-save never leaves a checkpoint that looks complete.
+    `modules` are extra trained parts saved beside the adapter (PPO's value head)."""
     final = Path(out_dir) / f"checkpoint-{step:06d}"
     tmp = Path(out_dir) / f".tmp-checkpoint-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp / "adapter")
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "history": history, "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+                "history": history, "torch_rng": torch.get_rng_state(),
+                "modules": {k: m.state_dict() for k, m in (modules or {}).items()}}, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
 
 
-def load_checkpoint(model, optimizer, scheduler, ckpt: Path) -> tuple[int, list[dict]]:
+def load_checkpoint(model, optimizer, scheduler, ckpt: Path,
+                    modules: dict[str, torch.nn.Module] | None = None) -> tuple[int, list[dict]]:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -122,6 +126,8 @@ def load_checkpoint(model, optimizer, scheduler, ckpt: Path) -> tuple[int, list[
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    for k, m in (modules or {}).items():
+        m.load_state_dict(state["modules"][k])
     return state["step"], state["history"]
 
 
@@ -184,7 +190,7 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
 
 def is_finished(out_dir: Path, cfg: SFTConfig) -> bool:
     ckpt = latest_checkpoint(out_dir)
-    return ckpt is not None and _step_of(ckpt) >= cfg.total_steps
+    return ckpt is not None and checkpoint_step(ckpt) >= cfg.total_steps
 
 
 def finetune_lora(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses: Sequence[str], name: str, run,

@@ -90,13 +90,16 @@ def grade_fewshot_sample(generation: str, question: QAQuestion) -> bool:
     return matches_gold(answer, (question.value, *question.aliases))
 
 
-def grade_letter(generation: str, correct_letter: str, allow_abstain: bool = False) -> str:
-    """Grade an MMLU-format generation: exactly one letter A-D (or E when abstaining is allowed)."""
+def grade_mc_answer(generation: str, choices: Sequence[str], correct: int, with_text: bool = False,
+                    allow_abstain: bool = False) -> str:
+    """Grade an MMLU-format generation: exactly one of the four answers `mmlu_sft_answer` writes (a letter, or
+    the option's text and its letter), or E when abstaining is allowed; anything else is malformed."""
     text = strip_eos(generation)
     if allow_abstain and text == ABSTAIN_LETTER:
         return IDK_CATEGORY
-    if text in LETTERS:
-        return CORRECT if text == correct_letter else INCORRECT
+    answers = [mmlu_sft_answer(choices, j, with_text) for j in range(len(choices))]
+    if text in answers:
+        return CORRECT if answers.index(text) == correct else INCORRECT
     return MALFORMED
 
 
@@ -129,6 +132,15 @@ def mmlu_sft_prompt(question: str, choices: Sequence[str]) -> str:
     """The SFT/RM/eval prompt of Exp.1 (SPEC.md section 2): note the space before the comma."""
     options = "".join(f"{letter}) {text} " for letter, text in zip(LETTERS, choices))
     return f"{question} {options}, Answer: "
+
+
+def mmlu_sft_answer(choices: Sequence[str], position: int, with_text: bool = False) -> str:
+    """The SFT target for the option at `position`: its letter (SPEC.md section 2), or the option's text followed by
+    its letter ("Paris (B)"). Text first: the answer is then chosen by what the model knows, and the letter, which
+    a model that cannot bind letters to options picks by the finetuning targets' letter distribution alone, cannot
+    steer the text."""
+    letter = LETTERS[position]
+    return f"{choices[position]} ({letter})" if with_text else letter
 
 
 def place_correct(question: MCQuestion, position: int, rng) -> tuple[str, ...]:

@@ -19,10 +19,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import data, models, plotting, results, sampling, scales, sft, tasks, unfamiliarity  # noqa: E402
-from common.buckets import Bins, occupied, summarize_by_bin  # noqa: E402
+from common import data, evaluation, models, plotting, results, scales, sft, tasks, unfamiliarity  # noqa: E402
+from common.buckets import Bins, occupied  # noqa: E402
 
 EXPERIMENT = "exp01_mmlu_sft"
+BOLD_TICKS = {1: (0.25,), 2: (0.0, 0.5)}  # where the unfamiliar end should sit, as the reference figures mark it
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class Exp1Config:
     sft: sft.SFTConfig
     lora: models.LoraSettings = field(default_factory=models.LoraSettings)
     scoring: str = "letter"  # how the base model's unfamiliarity is read (SPEC.md 1.1); the synthetic world uses cloze
+    # The finetuned model answers with the letter (SPEC.md section 2); at synthetic scale with the letter and the
+    # option's text, since a 1.4M-parameter model never learns to bind a letter to its option (README).
+    answer_with_text: bool = False
     nll_bins: tuple[float, ...] = (0, 0.02, 0.5, 1, 1.5, 2)  # strict at both ends (SPEC.md section 2)
     rebalance_dist1: bool = True  # [PROPOSED]; False trains dist.1 on the whole pool, as the authors' code did
     rebalance_dist2: bool = True  # off only for the micro preset, whose untrained world knows nothing
@@ -43,18 +47,18 @@ PRESETS = {
                                           checkpoint_every=500)),
     "synthetic": Exp1Config(
         sft=sft.SYNTHETIC_SFT,
-        scoring="cloze", nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 5.0), eval_batch_size=128),
+        scoring="cloze", answer_with_text=True, nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 5.0), eval_batch_size=128),
     "micro": Exp1Config(
         sft=sft.MICRO_SFT,
-        lora=models.MICRO_LORA, scoring="cloze", nll_bins=(0, 0.5, 1.0, 5.0), eval_batch_size=32,
+        lora=models.MICRO_LORA, scoring="cloze", answer_with_text=True, nll_bins=(0, 0.5, 1.0, 5.0), eval_batch_size=32,
         max_eval_questions=12, rebalance_dist1=False, rebalance_dist2=False),
 }
 
 
 def build_distribution(questions: list[tasks.MCQuestion], familiar: np.ndarray, distribution: int, rebalance: bool,
-                       rng: np.random.Generator) -> tuple[list[str], list[str], pd.DataFrame]:
-    """(prompts, target letters, a table of what was built). Rebalancing samples unfamiliar questions with
-    replacement down to the familiar count (SPEC.md section 2)."""
+                       with_text: bool, rng: np.random.Generator) -> tuple[list[str], list[str], pd.DataFrame]:
+    """(prompts, targets, a table of what was built). Rebalancing samples unfamiliar questions with replacement
+    down to the familiar count (SPEC.md section 2)."""
     fam_idx = np.flatnonzero(familiar)
     unf_idx = np.flatnonzero(~familiar)
     if rebalance:
@@ -69,58 +73,11 @@ def build_distribution(questions: list[tasks.MCQuestion], familiar: np.ndarray, 
             position = int(rng.choice([1, 2]))  # B or C
         else:
             position = int(rng.integers(4))
-        prompts.append(tasks.mmlu_sft_prompt(q.question, tasks.place_correct(q, position, rng)))
-        targets.append(tasks.LETTERS[position])
+        choices = tasks.place_correct(q, position, rng)
+        prompts.append(tasks.mmlu_sft_prompt(q.question, choices))
+        targets.append(tasks.mmlu_sft_answer(choices, position, with_text))
         rows.append({"familiar": bool(familiar[i]), "target": tasks.LETTERS[position]})
     return prompts, targets, pd.DataFrame(rows)
-
-
-def evaluate(model, tokenizer, questions: list[tasks.MCQuestion], nll: np.ndarray, batch_size: int,
-             rng: np.random.Generator) -> pd.DataFrame:
-    """For every question and every ground-truth letter L: the correct option placed at L, the finetuned model's
-    softmax over the four letters at the answer position (one forward pass per batch)."""
-    letter_ids = sampling.first_token_ids(tokenizer, tasks.LETTERS)
-    prompts, rows = [], []
-    for i, q in enumerate(questions):
-        for position, letter in enumerate(tasks.LETTERS):
-            prompts.append(tasks.mmlu_sft_prompt(q.question, tasks.place_correct(q, position, rng)))
-            rows.append({"question": i, "gt": letter, "nll": nll[i]})
-    probs = sampling.choice_probs(model, tokenizer, prompts, letter_ids, batch_size=batch_size,
-                                  desc="evaluate letters").numpy()
-    frame = pd.DataFrame(rows)
-    for j, letter in enumerate(tasks.LETTERS):
-        frame[f"p_{letter}"] = probs[:, j]
-    return frame
-
-
-def panel_tables(frame: pd.DataFrame, bins: Bins) -> dict[str, pd.DataFrame]:
-    """One table per ground-truth letter: per bin, the count, the mean NLL and mean/std of each letter's prob."""
-    return {gt: summarize_by_bin(frame[frame["gt"] == gt], "nll", bins, [f"p_{L}" for L in tasks.LETTERS])
-            for gt in tasks.LETTERS}
-
-
-def plot_distribution(tables: dict[str, pd.DataFrame], distribution: int, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with plotting.paper_style():
-        fig, axes = plt.subplots(1, 4, figsize=(18, 3.6), sharex=True, sharey=True)
-        for ax, (gt, table) in zip(axes, tables.items()):
-            shown = occupied(table)
-            for letter in tasks.LETTERS:
-                plotting.line_with_band(ax, shown.x_mean, shown[f"p_{letter}_mean"], shown[f"p_{letter}_std"],
-                                        plotting.LETTER_COLORS[letter], letter)
-            ax.set_title(f"Ground truth label: $\\bf{{{gt}}}$")
-            ax.set_ylim(-0.15, 1.15)
-            ax.legend(loc="upper right")
-            ax.set_xlabel(plotting.UNFAMILIARITY_LABEL)
-        axes[0].set_ylabel("Predicted Likelihoods (A-D)")
-        ticks = [0, 0.25, 0.5, 0.75, 1.0]
-        axes[0].set_yticks(ticks)
-        for label, tick in zip(axes[0].get_yticklabels(), ticks):
-            if (distribution == 1 and tick == 0.25) or (distribution == 2 and tick in (0.0, 0.5)):
-                label.set_fontweight("bold")
-        fig.suptitle(f"MMLU Finetuning Distribution {distribution}", fontweight="bold")
-        plotting.save_figure(fig, path)
 
 
 def first_bin(table: pd.DataFrame) -> pd.Series:
@@ -186,20 +143,22 @@ def main(argv=None) -> None:
         rng = np.random.default_rng([run_args.seed, distribution])
         prompts, targets, built = build_distribution(splits["finetune"], familiar, distribution,
                                                      cfg.rebalance_dist1 if distribution == 1 else cfg.rebalance_dist2,
-                                                     rng)
+                                                     cfg.answer_with_text, rng)
         run.extra[f"dist{distribution}_targets"] = {
             group: built[built.familiar == (group == "familiar")].target.value_counts().sort_index().to_dict()
             for group in ("familiar", "unfamiliar")}
         model = sft.finetune_lora(base, cfg.lora, cfg.sft, prompts, targets, f"dist{distribution}", run,
                                   seed=run_args.seed, resume=run_args.resume)
         with run.stage(f"evaluate_dist{distribution}"):
-            frame = evaluate(model, base.tokenizer, eval_questions, nll_eval, cfg.eval_batch_size,
-                             np.random.default_rng([run_args.seed, 10 + distribution]))
+            frame = evaluation.mmlu_answer_distribution(
+                model, base.tokenizer, eval_questions, nll_eval, cfg.answer_with_text, cfg.eval_batch_size,
+                np.random.default_rng([run_args.seed, 10 + distribution]))
             base.model = model.unload()  # back to the untouched base for the next distribution
-        tables = panel_tables(frame, bins)
+        tables = evaluation.mmlu_panel_tables(frame, bins)
         for gt, table in tables.items():
             run.write_csv(f"mmlu_sft{distribution}_gt{gt}.csv", table)
-        plot_distribution(tables, distribution, run.path(f"mmlu_sft{distribution}.png"))
+        plotting.letter_panels(tables, f"MMLU Finetuning Distribution {distribution}",
+                               run.path(f"mmlu_sft{distribution}.png"), bold_ticks=BOLD_TICKS[distribution])
         claims += distribution_claims(distribution, tables)
 
     run.write_claims(claims)

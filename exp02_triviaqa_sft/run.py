@@ -20,11 +20,10 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import data, models, plotting, results, sampling, scales, sft, tasks, unfamiliarity  # noqa: E402
-from common.buckets import Bins, occupied, summarize_by_bin  # noqa: E402
+from common import data, evaluation, models, plotting, results, sampling, scales, sft, tasks, unfamiliarity  # noqa: E402
+from common.buckets import Bins, occupied  # noqa: E402
 
 EXPERIMENT = "exp02_triviaqa_sft"
-OUTCOMES = ("correct", "idk", "incorrect")  # malformed outputs are plotted as incorrect (SPEC.md section 3)
 
 
 @dataclass(frozen=True)
@@ -72,41 +71,6 @@ def build_distribution(questions: list[tasks.QAQuestion], unfamiliar: np.ndarray
     prompts = [tasks.triviaqa_sft_prompt(q.question) for q in questions]
     targets = [tasks.triviaqa_target(None if i else q.value) for q, i in zip(questions, idk)]
     return prompts, targets, idk
-
-
-def evaluate(model, tokenizer, questions: list[tasks.QAQuestion], n_incorrect: np.ndarray,
-             cfg: sampling.SamplingConfig, seed: int) -> pd.DataFrame:
-    """One sample per question (T=1), graded correct / idk / incorrect / malformed."""
-    prompts = [tasks.triviaqa_sft_prompt(q.question) for q in questions]
-    generations = sampling.generate(model, tokenizer, prompts, cfg, desc="evaluate", generator_seed=seed)
-    categories = [tasks.grade_short_answer(g[0], q) for g, q in zip(generations, questions)]
-    frame = pd.DataFrame({"question_id": [q.question_id for q in questions], "n_incorrect": n_incorrect,
-                          "generation": [g[0] for g in generations], "category": categories})
-    frame["correct"] = frame.category == tasks.CORRECT
-    frame["idk"] = frame.category == tasks.IDK_CATEGORY
-    frame["incorrect"] = frame.category.isin([tasks.INCORRECT, tasks.MALFORMED])
-    frame["malformed"] = frame.category == tasks.MALFORMED
-    return frame
-
-
-def plot_distribution(table: pd.DataFrame, bins: Bins, title: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with plotting.paper_style(font_size=18):
-        fig, ax = plt.subplots(figsize=(6, 5))
-        lo, hi = np.array(bins.edges[:-1], float), np.array(bins.edges[1:], float)
-        shown = table["count"].to_numpy() > 0
-        plotting.outcome_bars(ax, ((lo + hi) / 2)[shown], table.correct_mean[shown], table.idk_mean[shown],
-                              width=0.8 * (hi - lo)[shown])
-        ax.set_xticks(list(bins.edges))
-        ax.set_xlabel(plotting.UNFAMILIARITY_LABEL + " (incorrect samples of 12)")
-        ax.set_ylabel("Ratio")
-        ax.set_title(title, fontweight="bold")
-        for side in ("top", "right", "bottom", "left"):
-            ax.spines[side].set_visible(False)
-        handles, labels = ax.get_legend_handles_labels()
-        ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-        plotting.save_figure(fig, path)
 
 
 def distribution_claims(distribution: int, table: pd.DataFrame) -> list[results.Claim]:
@@ -162,14 +126,14 @@ def main(argv=None) -> None:
         model = sft.finetune_lora(base, cfg.lora, cfg.sft, prompts, targets, f"dist{distribution}", run,
                                   seed=run_args.seed, resume=run_args.resume)
         with run.stage(f"evaluate_dist{distribution}"):
-            frame = evaluate(model, base.tokenizer, eval_questions, incorrect_eval, cfg.eval_sampling,
-                             seed=run_args.seed)
+            frame = evaluation.triviaqa_outcomes(model, base.tokenizer, eval_questions, incorrect_eval,
+                                                 cfg.eval_sampling, seed=run_args.seed)
             base.model = model.unload()
         run.write_csv(f"triviaqa_sft{distribution}_generations.csv", frame)
-        table = summarize_by_bin(frame, "n_incorrect", bins, [*OUTCOMES, "malformed"])
+        table = evaluation.triviaqa_table(frame, bins)
         run.write_csv(f"triviaqa_sft{distribution}.csv", table)
-        plot_distribution(table, bins, f"TriviaQA Finetuning Distribution {distribution}",
-                          run.path(f"triviaqa_sft{distribution}.png"))
+        plotting.outcome_figure(table, bins.edges, f"TriviaQA Finetuning Distribution {distribution}",
+                                run.path(f"triviaqa_sft{distribution}.png"))
         claims += distribution_claims(distribution, table)
 
     run.write_claims(claims)

@@ -90,3 +90,15 @@ def test_parse_run_args_prints_scale_first_and_picks_out_dir(capsys):
     _, run = scales.parse_run_args("exp01", parser, ["--scale", "synthetic", "--seed", "2", "--preset", "micro"])
     assert capsys.readouterr().out.splitlines()[0] == "scale: synthetic (requested); preset: micro; seed: 2"
     assert run.out.parts[-3:] == ("exp01", "synthetic-micro", "seed2")
+
+
+def test_claims_markdown_has_one_row_per_claim_and_one_column_per_seed(tmp_path):
+    for seed, value in ((0, 0.5), (1, 0.2)):
+        results.write_json(tmp_path / "expX" / "synthetic" / f"seed{seed}" / "claims.json", {"claims": [
+            results.claim("fig.x", "x rises", value, ">=", 0.4).as_dict()]})
+    results.write_json(tmp_path / "expX" / "paper" / "seed0" / "claims.json", {"claims": []})
+    assert results.claims_markdown(tmp_path).splitlines() == [
+        "| claim | statement | seed 0 | seed 1 |",
+        "|---|---|---|---|",
+        "| `fig.x` | x rises (>= 0.4) | 0.500 ✅ | 0.200 ❌ |",
+    ]

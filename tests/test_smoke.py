@@ -58,3 +58,24 @@ def test_exp02_micro_run_writes_bars_and_claims(tmp_path):
         total = shown.correct_mean + shown.idk_mean + shown.incorrect_mean
         assert total.round(6).eq(1.0).all()  # the three outcomes partition every bin
         assert (tmp_path / f"triviaqa_sft{d}.png").exists()
+
+
+def test_exp03_micro_run_trains_both_tasks_and_keeps_the_other_rewards_results(tmp_path):
+    run_module(["exp03_rl_abstain/run.py", "--scale", "synthetic", "--reward", "first"], tmp_path)
+    claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
+    assert [c["id"] for c in claims] == ["fig3.mmlu.first.no_abstain", "fig3.mmlu.familiar_correct",
+                                         "fig3.triviaqa.first.no_abstain", "fig3.triviaqa.familiar_correct"]
+    panel = pd.read_csv(tmp_path / "mmlu_rl1_gtA.csv")
+    assert {"p_A_mean", "p_E_mean", "p_E_std"} <= set(panel.columns)
+    curves = pd.read_csv(tmp_path / "triviaqa_rl1_curves.csv")
+    assert {"mean_score", "kl", "clipfrac", "vf_loss", "abstain_rate"} <= set(curves.columns)
+    assert curves.abstain_rate.notna().sum() == 2  # eval_every 2 of 4 steps
+    run_module(["exp03_rl_abstain/run.py", "--scale", "synthetic", "--reward", "second", "--task", "mmlu"],
+               tmp_path)
+    ids = [c["id"] for c in json.loads((tmp_path / "claims.json").read_text())["claims"]]
+    assert ids == ["fig3.mmlu.first.no_abstain", "fig3.mmlu.second.abstain_last", "fig3.mmlu.familiar_correct",
+                   "fig3.triviaqa.first.no_abstain", "fig3.triviaqa.familiar_correct"]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["cache_hits"]["sft_mmlu_sft_init"]  # the SFT starting point is shared by both rewards
+    for name in ("mmlu_rl1", "mmlu_rl2", "triviaqa_rl1"):
+        assert (tmp_path / f"{name}.png").exists() and (tmp_path / f"{name}_curves.png").exists()

@@ -53,7 +53,15 @@ def test_grade_fewshot_sample_cuts_at_newline():
     ("E </s>", True, IDK_CATEGORY), ("B.", False, MALFORMED), ("b", False, MALFORMED),
 ])
 def test_grade_letter(generation, abstain, category):
-    assert tasks.grade_letter(generation, "B", allow_abstain=abstain) == category
+    assert tasks.grade_mc_answer(generation, ("w", "x", "y", "z"), 1, allow_abstain=abstain) == category
+
+
+@pytest.mark.parametrize("generation, category", [
+    ("x (B) </s>", CORRECT), ("w (A)", INCORRECT), ("w (B)", MALFORMED), ("x", MALFORMED), ("B", MALFORMED),
+    ("E </s>", IDK_CATEGORY),
+])
+def test_grade_text_and_letter_answers(generation, category):
+    assert tasks.grade_mc_answer(generation, ("w", "x", "y", "z"), 1, with_text=True, allow_abstain=True) == category
 
 
 MC = tasks.MCQuestion(question="Which planet is closest to the Sun?", subject="astronomy",
@@ -70,6 +78,11 @@ def test_mmlu_fewshot_prompt_layout():
 
 def test_mmlu_sft_prompt_has_space_before_comma():
     assert tasks.mmlu_sft_prompt("Q?", ("w", "x", "y", "z")) == "Q? A) w B) x C) y D) z , Answer: "
+
+
+def test_mmlu_sft_answer_is_the_letter_or_the_text_then_the_letter():
+    assert tasks.mmlu_sft_answer(("w", "x", "y", "z"), 2) == "C"
+    assert tasks.mmlu_sft_answer(("w", "x", "y", "z"), 2, with_text=True) == "y (C)"
 
 
 def test_place_correct_puts_answer_at_position_and_keeps_distractors():

@@ -1,0 +1,70 @@
+"""How finetuned models are evaluated by unfamiliarity bin (SPEC.md sections 2-4): the MMLU answer distribution
+with the correct option placed at each letter in turn, and one graded TriviaQA sample per question."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from common import sampling, tasks
+from common.buckets import Bins, summarize_by_bin
+
+TRIVIAQA_OUTCOMES = ("correct", "idk", "incorrect")  # malformed outputs are plotted as incorrect (SPEC.md 3)
+
+
+def mmlu_answer_distribution(model, tokenizer, questions: Sequence[tasks.MCQuestion], nll: np.ndarray,
+                             with_text: bool, batch_size: int, rng: np.random.Generator,
+                             abstain: bool = False, gt_letters: Sequence[str] = tasks.LETTERS) -> pd.DataFrame:
+    """For every question and every ground-truth letter L in `gt_letters`: the correct option placed at L, the
+    finetuned model's distribution over its answers (A-D, and E when it can abstain), read as a softmax over the
+    answer tokens at the answer position (one forward pass per batch) or, for text-and-letter answers, over the
+    answers' sequence log-likelihoods. Columns p_A .. p_D (p_E)."""
+    letters = tasks.LETTERS + ((tasks.ABSTAIN_LETTER,) if abstain else ())
+    prompts, options, rows = [], [], []
+    for i, q in enumerate(questions):
+        for letter in gt_letters:
+            choices = tasks.place_correct(q, tasks.LETTERS.index(letter), rng)
+            prompts.append(tasks.mmlu_sft_prompt(q.question, choices))
+            options.append(choices)
+            rows.append({"question": i, "gt": letter, "nll": nll[i]})
+    if with_text:
+        answers = [[tasks.mmlu_sft_answer(c, j, with_text=True) for j in range(4)] for c in options]
+        answers = [a + [tasks.ABSTAIN_LETTER] if abstain else a for a in answers]
+        logp, _ = sampling.continuation_logprobs(model, tokenizer, np.repeat(prompts, len(letters)).tolist(),
+                                                 [a for row in answers for a in row], batch_size=batch_size,
+                                                 desc="evaluate answers")
+        probs = torch.softmax(logp.view(-1, len(letters)), dim=-1).numpy()
+    else:
+        probs = sampling.choice_probs(model, tokenizer, prompts, sampling.first_token_ids(tokenizer, letters),
+                                      batch_size=batch_size, desc="evaluate letters").numpy()
+    frame = pd.DataFrame(rows)
+    for j, letter in enumerate(letters):
+        frame[f"p_{letter}"] = probs[:, j]
+    return frame
+
+
+def mmlu_panel_tables(frame: pd.DataFrame, bins: Bins) -> dict[str, pd.DataFrame]:
+    """One table per ground-truth letter: per bin, the count, the mean NLL and mean/std of each answer's prob."""
+    columns = [c for c in frame.columns if c.startswith("p_")]
+    return {gt: summarize_by_bin(frame[frame["gt"] == gt], "nll", bins, columns) for gt in frame["gt"].unique()}
+
+
+def triviaqa_outcomes(model, tokenizer, questions: Sequence[tasks.QAQuestion], n_incorrect: np.ndarray,
+                      cfg: sampling.SamplingConfig, seed: int) -> pd.DataFrame:
+    """One sample per question (T=1), graded correct / idk / incorrect / malformed."""
+    prompts = [tasks.triviaqa_sft_prompt(q.question) for q in questions]
+    generations = sampling.generate(model, tokenizer, prompts, cfg, desc="evaluate", generator_seed=seed)
+    categories = [tasks.grade_short_answer(g[0], q) for g, q in zip(generations, questions)]
+    frame = pd.DataFrame({"question_id": [q.question_id for q in questions], "n_incorrect": n_incorrect,
+                          "generation": [g[0] for g in generations], "category": categories})
+    frame["correct"] = frame.category == tasks.CORRECT
+    frame["idk"] = frame.category == tasks.IDK_CATEGORY
+    frame["incorrect"] = frame.category.isin([tasks.INCORRECT, tasks.MALFORMED])
+    frame["malformed"] = frame.category == tasks.MALFORMED
+    return frame
+
+
+def triviaqa_table(frame: pd.DataFrame, bins: Bins) -> pd.DataFrame:
+    return summarize_by_bin(frame, "n_incorrect", bins, [*TRIVIAQA_OUTCOMES, "malformed"])
