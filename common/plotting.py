@@ -98,7 +98,7 @@ def letter_panels(tables: dict, title: str, path: Path, bold_ticks: Sequence[flo
         for label, tick in zip(axes[0].get_yticklabels(), ticks):
             if tick in bold_ticks:
                 label.set_fontweight("bold")
-        fig.suptitle(title, fontweight="bold")
+        fig.suptitle(title, fontweight="bold", y=1.06)
         save_figure(fig, path)
 
 

@@ -193,13 +193,18 @@ def is_finished(out_dir: Path, cfg: SFTConfig) -> bool:
     return ckpt is not None and checkpoint_step(ckpt) >= cfg.total_steps
 
 
+def adapter_dir(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses: Sequence[str], seed: int) -> Path:
+    """Where the adapter for these settings and pairs is cached; its name identifies the finetuned model."""
+    return cache.cache_dir("sft", base.key, lora, cfg, seed, list(prompts), list(responses))
+
+
 def finetune_lora(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses: Sequence[str], name: str, run,
                   seed: int, resume: bool = False):
     """Add a fresh LoRA adapter to `base.model` and SFT it on the pairs, or load the finished adapter from the
     cache (keyed by the base model, every setting and every pair). Returns the adapted model; call `.unload()`
     on it to get the untouched base back for the next variant."""
     model = models.add_lora(base.model, lora)
-    out_dir = cache.cache_dir("sft", base.key, lora, cfg, seed, list(prompts), list(responses))
+    out_dir = adapter_dir(base, lora, cfg, prompts, responses, seed)
     run.cache_hits[f"sft_{name}"] = is_finished(out_dir, cfg)
     with run.stage(f"sft_{name}"):
         history = train_sft(model, base.tokenizer, prompts, responses, cfg, out_dir, seed=seed, resume=resume,

@@ -47,7 +47,7 @@ PRESETS = {
                                           checkpoint_every=500)),
     "synthetic": Exp1Config(
         sft=sft.SYNTHETIC_SFT,
-        scoring="cloze", answer_with_text=True, nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 5.0), eval_batch_size=128),
+        scoring="cloze", answer_with_text=True, nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 2.0), eval_batch_size=128),
     "micro": Exp1Config(
         sft=sft.MICRO_SFT,
         lora=models.MICRO_LORA, scoring="cloze", answer_with_text=True, nll_bins=(0, 0.5, 1.0, 5.0), eval_batch_size=32,

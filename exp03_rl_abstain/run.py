@@ -92,18 +92,20 @@ PRESETS = {
 
 def rl_policy(base: models.Base, lora: models.LoraSettings, sft_cfg: sft.SFTConfig, prompts: list[str],
               targets: list[str], name: str, run, seed: int, resume: bool):
-    """The SFT starting point, merged into the base weights, with a fresh LoRA adapter for PPO (SPEC.md 0.1)."""
+    """The SFT starting point, merged into the base weights, with a fresh LoRA adapter for PPO (SPEC.md 0.1);
+    and a key naming that starting point."""
     model = sft.finetune_lora(base, lora, sft_cfg, prompts, targets, name, run, seed=seed, resume=resume)
-    return models.add_lora(models.merge_lora(model), lora)
+    init_key = sft.adapter_dir(base, lora, sft_cfg, prompts, targets, seed).name
+    return models.add_lora(models.merge_lora(model), lora), init_key
 
 
-def train_policy(policy, base: models.Base, prompts: list[str], score, cfg: ppo.PPOConfig, name: str, run,
+def train_policy(policy, init_key: str, tokenizer, prompts: list[str], score, cfg: ppo.PPOConfig, name: str, run,
                  seed: int, resume: bool, evaluate) -> None:
     """PPO (cached by the starting point, the settings, the prompts and the reward), with training curves."""
-    out_dir = cache.cache_dir("ppo", base.key, name, cfg, seed, prompts)
+    out_dir = cache.cache_dir("ppo", init_key, name, cfg, seed, prompts)
     run.cache_hits[f"ppo_{name}"] = sft.is_finished(out_dir, cfg)
     with run.stage(f"ppo_{name}"):
-        _, curves = ppo.train_ppo(policy, base.tokenizer, prompts, score, cfg, out_dir, seed, resume=resume,
+        _, curves = ppo.train_ppo(policy, tokenizer, prompts, score, cfg, out_dir, seed, resume=resume,
                                   evaluate=evaluate, desc=f"PPO {name}")
     run.write_csv(f"{name}_curves.csv", curves)
     plot_curves(curves, name, run.path(f"{name}_curves.png"))
@@ -145,8 +147,8 @@ def run_mmlu(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
     abstain = rng.random(len(pool)) < cfg.abstain_fraction
     targets = [tasks.ABSTAIN_LETTER if a else tasks.mmlu_sft_answer(c, int(p), cfg.answer_with_text)
                for a, c, p in zip(abstain, options, positions)]
-    policy = rl_policy(base, cfg.lora, cfg.mmlu_sft, prompts, targets, "mmlu_sft_init", run, run_args.seed,
-                       run_args.resume)
+    policy, init_key = rl_policy(base, cfg.lora, cfg.mmlu_sft, prompts, targets, "mmlu_sft_init", run,
+                                 run_args.seed, run_args.resume)
 
     def score(idx, texts):
         return [reward(tasks.grade_mc_answer(t, options[i], int(positions[i]), cfg.answer_with_text,
@@ -163,7 +165,8 @@ def run_mmlu(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
                 "correct_rate": np.where(frame.gt == "A", frame.p_A, frame.p_B).mean()}
 
     name = f"mmlu_rl{REWARD_NUMBER[reward_name]}"
-    train_policy(policy, base, prompts, score, cfg.mmlu_ppo, name, run, run_args.seed, run_args.resume, curve_point)
+    train_policy(policy, init_key, base.tokenizer, prompts, score, cfg.mmlu_ppo, name, run, run_args.seed,
+                 run_args.resume, curve_point)
     with run.stage(f"evaluate_{name}"):
         tables = evaluation.mmlu_panel_tables(answer_distribution(eval_questions, nll_eval),
                                               Bins(cfg.nll_bins, closed="open"))
@@ -191,8 +194,8 @@ def run_triviaqa(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
     idk[rng.choice(len(pool), size=round(cfg.idk_fraction * len(pool)), replace=False)] = True
     prompts = [tasks.triviaqa_sft_prompt(q.question) for q in pool]
     targets = [tasks.triviaqa_target(None if i else q.value) for q, i in zip(pool, idk)]
-    policy = rl_policy(base, cfg.lora, cfg.triviaqa_sft, prompts, targets, "triviaqa_sft_init", run,
-                       run_args.seed, run_args.resume)
+    policy, init_key = rl_policy(base, cfg.lora, cfg.triviaqa_sft, prompts, targets, "triviaqa_sft_init", run,
+                                 run_args.seed, run_args.resume)
 
     def score(idx, texts):
         return [reward(tasks.grade_short_answer(t, pool[i]), reward_name, "triviaqa") for i, t in zip(idx, texts)]
@@ -207,8 +210,8 @@ def run_triviaqa(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
         return {"abstain_rate": frame.idk.mean(), "correct_rate": frame.correct.mean()}
 
     name = f"triviaqa_rl{REWARD_NUMBER[reward_name]}"
-    train_policy(policy, base, prompts, score, cfg.triviaqa_ppo, name, run, run_args.seed, run_args.resume,
-                 curve_point)
+    train_policy(policy, init_key, base.tokenizer, prompts, score, cfg.triviaqa_ppo, name, run, run_args.seed,
+                 run_args.resume, curve_point)
     with run.stage(f"evaluate_{name}"):
         frame = outcomes(eval_questions, incorrect_eval)
     run.write_csv(f"{name}_generations.csv", frame)
