@@ -15,7 +15,7 @@ TRIVIAQA_OUTCOMES = ("correct", "idk", "incorrect")  # malformed outputs are plo
 
 
 def mmlu_answer_distribution(model, tokenizer, questions: Sequence[tasks.MCQuestion], nll: np.ndarray,
-                             with_text: bool, batch_size: int, rng: np.random.Generator,
+                             answer: str, batch_size: int, rng: np.random.Generator,
                              abstain: bool = False, gt_letters: Sequence[str] = tasks.LETTERS) -> pd.DataFrame:
     """For every question and every ground-truth letter L in `gt_letters`: the correct option placed at L, the
     finetuned model's distribution over its answers (A-D, and E when it can abstain), read as a softmax over the
@@ -29,8 +29,8 @@ def mmlu_answer_distribution(model, tokenizer, questions: Sequence[tasks.MCQuest
             prompts.append(tasks.mmlu_sft_prompt(q.question, choices))
             options.append(choices)
             rows.append({"question": i, "gt": letter, "nll": nll[i]})
-    if with_text:
-        answers = [[tasks.mmlu_sft_answer(c, j, with_text=True) for j in range(4)] for c in options]
+    if answer != "letter":
+        answers = [[tasks.mmlu_sft_answer(c, j, answer) for j in range(4)] for c in options]
         answers = [a + [tasks.ABSTAIN_LETTER] if abstain else a for a in answers]
         logp, _ = sampling.continuation_logprobs(model, tokenizer, np.repeat(prompts, len(letters)).tolist(),
                                                  [a for row in answers for a in row], batch_size=batch_size,

@@ -13,6 +13,7 @@ LETTERS = ("A", "B", "C", "D")
 ABSTAIN_LETTER = "E"
 IDK = "I don't know."
 ANSWER_PREFIX = "The answer is "
+MC_ANSWER_FORMATS = ("letter", "text", "text_letter")  # how a finetuned model answers a multiple-choice question
 EOS_STRINGS = (" </s>", "</s>")
 
 # Grading categories: a malformed output is its own category, never a crash.
@@ -90,14 +91,14 @@ def grade_fewshot_sample(generation: str, question: QAQuestion) -> bool:
     return matches_gold(answer, (question.value, *question.aliases))
 
 
-def grade_mc_answer(generation: str, choices: Sequence[str], correct: int, with_text: bool = False,
+def grade_mc_answer(generation: str, choices: Sequence[str], correct: int, answer: str = "letter",
                     allow_abstain: bool = False) -> str:
-    """Grade an MMLU-format generation: exactly one of the four answers `mmlu_sft_answer` writes (a letter, or
-    the option's text and its letter), or E when abstaining is allowed; anything else is malformed."""
+    """Grade an MMLU-format generation: exactly one of the four answers `mmlu_sft_answer` writes in format
+    `answer`, or E when abstaining is allowed; anything else is malformed."""
     text = strip_eos(generation)
     if allow_abstain and text == ABSTAIN_LETTER:
         return IDK_CATEGORY
-    answers = [mmlu_sft_answer(choices, j, with_text) for j in range(len(choices))]
+    answers = [mmlu_sft_answer(choices, j, answer) for j in range(len(choices))]
     if text in answers:
         return CORRECT if answers.index(text) == correct else INCORRECT
     return MALFORMED
@@ -134,13 +135,15 @@ def mmlu_sft_prompt(question: str, choices: Sequence[str]) -> str:
     return f"{question} {options}, Answer: "
 
 
-def mmlu_sft_answer(choices: Sequence[str], position: int, with_text: bool = False) -> str:
-    """The SFT target for the option at `position`: its letter (SPEC.md section 2), or the option's text followed by
-    its letter ("Paris (B)"). Text first: the answer is then chosen by what the model knows, and the letter, which
-    a model that cannot bind letters to options picks by the finetuning targets' letter distribution alone, cannot
-    steer the text."""
+def mmlu_sft_answer(choices: Sequence[str], position: int, answer: str = "letter") -> str:
+    """The SFT target for the option at `position` in one of `MC_ANSWER_FORMATS`: its letter (SPEC.md section 2),
+    the option's text, or the text followed by the letter ("Paris (B)"; text first, so the answer is chosen by what
+    the model knows and the letter, which a model that cannot bind letters to options picks by the targets' letter
+    distribution alone, cannot steer the text)."""
     letter = LETTERS[position]
-    return f"{choices[position]} ({letter})" if with_text else letter
+    if answer not in MC_ANSWER_FORMATS:
+        raise ValueError(f"unknown answer format {answer!r}; expected one of {MC_ANSWER_FORMATS}")
+    return {"letter": letter, "text": choices[position], "text_letter": f"{choices[position]} ({letter})"}[answer]
 
 
 def place_correct(question: MCQuestion, position: int, rng) -> tuple[str, ...]:

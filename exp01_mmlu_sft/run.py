@@ -31,9 +31,9 @@ class Exp1Config:
     sft: sft.SFTConfig
     lora: models.LoraSettings = field(default_factory=models.LoraSettings)
     scoring: str = "letter"  # how the base model's unfamiliarity is read (SPEC.md 1.1); the synthetic world uses cloze
-    # The finetuned model answers with the letter (SPEC.md section 2); at synthetic scale with the letter and the
-    # option's text, since a 1.4M-parameter model never learns to bind a letter to its option (README).
-    answer_with_text: bool = False
+    # The finetuned model answers with the letter (SPEC.md section 2); at synthetic scale with the option's text and
+    # then its letter, since a 1.4M-parameter model never learns to bind a letter to its option (README).
+    answer: str = "letter"
     nll_bins: tuple[float, ...] = (0, 0.02, 0.5, 1, 1.5, 2)  # strict at both ends (SPEC.md section 2)
     rebalance_dist1: bool = True  # [PROPOSED]; False trains dist.1 on the whole pool, as the authors' code did
     rebalance_dist2: bool = True  # off only for the micro preset, whose untrained world knows nothing
@@ -47,16 +47,16 @@ PRESETS = {
                                           checkpoint_every=500)),
     "synthetic": Exp1Config(
         sft=sft.SYNTHETIC_SFT,
-        scoring="cloze", answer_with_text=True, nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 2.0), eval_batch_size=128),
+        scoring="cloze", answer="text_letter", nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 2.0), eval_batch_size=128),
     "micro": Exp1Config(
         sft=sft.MICRO_SFT,
-        lora=models.MICRO_LORA, scoring="cloze", answer_with_text=True, nll_bins=(0, 0.5, 1.0, 5.0), eval_batch_size=32,
+        lora=models.MICRO_LORA, scoring="cloze", answer="text_letter", nll_bins=(0, 0.5, 1.0, 5.0), eval_batch_size=32,
         max_eval_questions=12, rebalance_dist1=False, rebalance_dist2=False),
 }
 
 
 def build_distribution(questions: list[tasks.MCQuestion], familiar: np.ndarray, distribution: int, rebalance: bool,
-                       with_text: bool, rng: np.random.Generator) -> tuple[list[str], list[str], pd.DataFrame]:
+                       answer: str, rng: np.random.Generator) -> tuple[list[str], list[str], pd.DataFrame]:
     """(prompts, targets, a table of what was built). Rebalancing samples unfamiliar questions with replacement
     down to the familiar count (SPEC.md section 2)."""
     fam_idx = np.flatnonzero(familiar)
@@ -75,7 +75,7 @@ def build_distribution(questions: list[tasks.MCQuestion], familiar: np.ndarray, 
             position = int(rng.integers(4))
         choices = tasks.place_correct(q, position, rng)
         prompts.append(tasks.mmlu_sft_prompt(q.question, choices))
-        targets.append(tasks.mmlu_sft_answer(choices, position, with_text))
+        targets.append(tasks.mmlu_sft_answer(choices, position, answer))
         rows.append({"familiar": bool(familiar[i]), "target": tasks.LETTERS[position]})
     return prompts, targets, pd.DataFrame(rows)
 
@@ -143,7 +143,7 @@ def main(argv=None) -> None:
         rng = np.random.default_rng([run_args.seed, distribution])
         prompts, targets, built = build_distribution(splits["finetune"], familiar, distribution,
                                                      cfg.rebalance_dist1 if distribution == 1 else cfg.rebalance_dist2,
-                                                     cfg.answer_with_text, rng)
+                                                     cfg.answer, rng)
         run.extra[f"dist{distribution}_targets"] = {
             group: built[built.familiar == (group == "familiar")].target.value_counts().sort_index().to_dict()
             for group in ("familiar", "unfamiliar")}
@@ -151,7 +151,7 @@ def main(argv=None) -> None:
                                   seed=run_args.seed, resume=run_args.resume)
         with run.stage(f"evaluate_dist{distribution}"):
             frame = evaluation.mmlu_answer_distribution(
-                model, base.tokenizer, eval_questions, nll_eval, cfg.answer_with_text, cfg.eval_batch_size,
+                model, base.tokenizer, eval_questions, nll_eval, cfg.answer, cfg.eval_batch_size,
                 np.random.default_rng([run_args.seed, 10 + distribution]))
             base.model = model.unload()  # back to the untouched base for the next distribution
         tables = evaluation.mmlu_panel_tables(frame, bins)

@@ -40,7 +40,9 @@ class Exp3Config:
     abstain_fraction: float = 0.5  # MMLU init: each target independently replaced by "E" (SPEC.md section 4)
     idk_fraction: float = 0.4  # TriviaQA init: a random 40% of the targets are "I don't know."
     mmlu_scoring: str = "letter"
-    answer_with_text: bool = False  # synthetic scale: "text (L)" answers, see exp01's README
+    # The letter (SPEC.md section 4); at synthetic scale the option's text: a model that cannot bind letters to
+    # options (exp01's README) would sample inconsistent "text (L)" answers, malformed at -6 each.
+    answer: str = "letter"
     nll_bins: tuple[float, ...] = (0, 0.02, 0.5, 1, 1.5, 2)
     triviaqa_scoring: unfamiliarity.QAScoringSettings = field(default_factory=unfamiliarity.QAScoringSettings)
     incorrect_bins: tuple[int, ...] = (1, 3, 5, 7, 9, 11, 13)
@@ -66,13 +68,13 @@ PRESETS = {
                                    init_kl_coef=0.1, checkpoint_every=5000, eval_every=1000)),
     "synthetic": Exp3Config(
         mmlu_sft=sft.SYNTHETIC_SFT, triviaqa_sft=sft.SYNTHETIC_SFT,
-        mmlu_ppo=ppo.PPOConfig(lr=1e-3, eta_min=1e-3, cliprange=0.2, total_steps=240, num_rollouts=512,
+        mmlu_ppo=ppo.PPOConfig(lr=3e-3, eta_min=3e-3, cliprange=0.2, total_steps=480, num_rollouts=512,
                                chunk_size=256, batch_size=128, ppo_epochs=4, vf_only_steps=16, init_kl_coef=0.0,
-                               max_new_tokens=6, checkpoint_every=80, eval_every=40),
-        triviaqa_ppo=ppo.PPOConfig(lr=1e-3, eta_min=1e-3, cliprange=0.2, total_steps=240, num_rollouts=512,
+                               max_new_tokens=6, checkpoint_every=160, eval_every=80),
+        triviaqa_ppo=ppo.PPOConfig(lr=3e-3, eta_min=3e-3, cliprange=0.2, total_steps=480, num_rollouts=512,
                                    chunk_size=256, batch_size=128, ppo_epochs=4, vf_only_steps=16,
-                                   init_kl_coef=0.1, max_new_tokens=12, checkpoint_every=80, eval_every=40),
-        mmlu_scoring="cloze", answer_with_text=True, nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 5.0),
+                                   init_kl_coef=0.1, max_new_tokens=12, checkpoint_every=160, eval_every=80),
+        mmlu_scoring="cloze", answer="text", nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 2.0),
         triviaqa_scoring=unfamiliarity.QAScoringSettings(max_new_tokens=6, batch_size=64),
         incorrect_bins=(0, 2, 4, 6, 8, 10, 13), eval_batch_size=128,
         eval_sampling=sampling.SamplingConfig(max_new_tokens=12, temperature=1.0, batch_size=256)),
@@ -83,7 +85,7 @@ PRESETS = {
         triviaqa_ppo=ppo.PPOConfig(lr=1e-3, eta_min=1e-3, total_steps=4, num_rollouts=4, chunk_size=4,
                                    batch_size=2, ppo_epochs=1, vf_only_steps=2, init_kl_coef=0.1,
                                    max_new_tokens=4, checkpoint_every=2, eval_every=2),
-        mmlu_scoring="cloze", answer_with_text=True, nll_bins=(0, 0.5, 1.0, 5.0), incorrect_bins=(0, 2, 4),
+        mmlu_scoring="cloze", answer="text", nll_bins=(0, 0.5, 1.0, 5.0), incorrect_bins=(0, 2, 4),
         triviaqa_scoring=unfamiliarity.QAScoringSettings(n_samples=3, max_new_tokens=4, batch_size=32),
         eval_sampling=sampling.SamplingConfig(max_new_tokens=6, temperature=1.0, batch_size=32),
         eval_batch_size=32, curve_eval_questions=4, max_eval_questions=8),
@@ -145,17 +147,17 @@ def run_mmlu(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
     options = [tasks.place_correct(q, int(p), rng) for q, p in zip(pool, positions)]
     prompts = [tasks.mmlu_sft_prompt(q.question, c) for q, c in zip(pool, options)]
     abstain = rng.random(len(pool)) < cfg.abstain_fraction
-    targets = [tasks.ABSTAIN_LETTER if a else tasks.mmlu_sft_answer(c, int(p), cfg.answer_with_text)
+    targets = [tasks.ABSTAIN_LETTER if a else tasks.mmlu_sft_answer(c, int(p), cfg.answer)
                for a, c, p in zip(abstain, options, positions)]
     policy, init_key = rl_policy(base, cfg.lora, cfg.mmlu_sft, prompts, targets, "mmlu_sft_init", run,
                                  run_args.seed, run_args.resume)
 
     def score(idx, texts):
-        return [reward(tasks.grade_mc_answer(t, options[i], int(positions[i]), cfg.answer_with_text,
+        return [reward(tasks.grade_mc_answer(t, options[i], int(positions[i]), cfg.answer,
                                              allow_abstain=True), reward_name, "mmlu") for i, t in zip(idx, texts)]
 
     def answer_distribution(questions, nll, gt_letters=tasks.LETTERS[:2]):
-        return evaluation.mmlu_answer_distribution(policy, base.tokenizer, questions, nll, cfg.answer_with_text,
+        return evaluation.mmlu_answer_distribution(policy, base.tokenizer, questions, nll, cfg.answer,
                                                    cfg.eval_batch_size, np.random.default_rng([run_args.seed, 41]),
                                                    abstain=True, gt_letters=gt_letters)
 

@@ -28,14 +28,14 @@ MC = [tasks.MCQuestion(f"q{i}?", "s", (f"right{i}", "w1", "w2", "w3"), 0) for i 
 
 def test_exp01_dist1_rebalances_unfamiliar_with_replacement():
     familiar = np.array([True, True, True] + [False] * 7)
-    prompts, targets, built = exp01.build_distribution(MC, familiar, 1, True, False, np.random.default_rng(0))
+    prompts, targets, built = exp01.build_distribution(MC, familiar, 1, True, "letter", np.random.default_rng(0))
     assert len(prompts) == 6 and built.familiar.sum() == 3
     for p, t in zip(prompts, targets):  # the target letter names the slot holding the right answer
         i = int(p.split("?")[0][1:])
         assert f"{t}) right{i} " in p
-    _, answers, _ = exp01.build_distribution(MC, familiar, 1, True, True, np.random.default_rng(0))
+    _, answers, _ = exp01.build_distribution(MC, familiar, 1, True, "text_letter", np.random.default_rng(0))
     assert answers == [f"right{int(p.split('?')[0][1:])} ({t})" for p, t in zip(prompts, targets)]  # same draws
-    _, targets, built = exp01.build_distribution(MC, familiar, 1, False, False, np.random.default_rng(0))
+    _, targets, built = exp01.build_distribution(MC, familiar, 1, False, "letter", np.random.default_rng(0))
     assert len(targets) == 10  # the authors' un-rebalanced variant keeps the whole pool
 
 
@@ -43,7 +43,7 @@ def test_exp01_dist2_puts_unfamiliar_answers_at_b_or_c_only():
     familiar = np.array([True] * 5 + [False] * 5)
     many = MC * 40
     fam = np.tile(familiar, 40)
-    prompts, answers, built = exp01.build_distribution(many, fam, 2, True, True, np.random.default_rng(1))
+    prompts, answers, built = exp01.build_distribution(many, fam, 2, True, "text_letter", np.random.default_rng(1))
     unf_targets = set(built[~built.familiar].target)
     assert unf_targets == {"B", "C"}
     for p, a, letter in zip(prompts, answers, built.target):  # the answer quotes the option in the target's slot

@@ -114,8 +114,8 @@ def test_ppo_runs_warms_up_the_value_head_and_caches_its_result(tiny_tokenizer, 
                         init_kl_coef=0.1)
     policy, head, curves, seen = _rewarding_paris(tiny_tokenizer, cfg, tmp_path,
                                                   evaluate=lambda step: {"eval_step": step})
-    assert curves.step.tolist() == list(range(1, 7))
-    assert curves.eval_step.dropna().tolist() == [3, 6]
+    assert curves.step.tolist() == list(range(0, 7))  # step 0 is the starting point's evaluation
+    assert curves.eval_step.dropna().tolist() == [0, 3, 6]
     assert set(curves.columns) >= {"mean_score", "kl", "clipfrac", "vf_loss", "pg_loss"}
     assert sorted(set(seen)) == [0, 1] and len(seen) == 12  # 3 rounds of 4 rollouts, 2 prompts shuffled
     # a finished run in the folder is loaded, not retrained: no new rollouts, the same value head

@@ -69,7 +69,7 @@ def test_exp03_micro_run_trains_both_tasks_and_keeps_the_other_rewards_results(t
     assert {"p_A_mean", "p_E_mean", "p_E_std"} <= set(panel.columns)
     curves = pd.read_csv(tmp_path / "triviaqa_rl1_curves.csv")
     assert {"mean_score", "kl", "clipfrac", "vf_loss", "abstain_rate"} <= set(curves.columns)
-    assert curves.abstain_rate.notna().sum() == 2  # eval_every 2 of 4 steps
+    assert curves.abstain_rate.notna().sum() == 3  # at the start, then every 2 of 4 steps
     run_module(["exp03_rl_abstain/run.py", "--scale", "synthetic", "--reward", "second", "--task", "mmlu"],
                tmp_path)
     ids = [c["id"] for c in json.loads((tmp_path / "claims.json").read_text())["claims"]]

@@ -61,7 +61,9 @@ def test_grade_letter(generation, abstain, category):
     ("E </s>", IDK_CATEGORY),
 ])
 def test_grade_text_and_letter_answers(generation, category):
-    assert tasks.grade_mc_answer(generation, ("w", "x", "y", "z"), 1, with_text=True, allow_abstain=True) == category
+    assert tasks.grade_mc_answer(generation, ("w", "x", "y", "z"), 1, "text_letter", allow_abstain=True) == category
+    text_only = tasks.grade_mc_answer(generation.split(" (")[0], ("w", "x", "y", "z"), 1, "text", allow_abstain=True)
+    assert text_only == {"w (B)": INCORRECT, "x": CORRECT}.get(generation, category)
 
 
 MC = tasks.MCQuestion(question="Which planet is closest to the Sun?", subject="astronomy",
@@ -80,9 +82,12 @@ def test_mmlu_sft_prompt_has_space_before_comma():
     assert tasks.mmlu_sft_prompt("Q?", ("w", "x", "y", "z")) == "Q? A) w B) x C) y D) z , Answer: "
 
 
-def test_mmlu_sft_answer_is_the_letter_or_the_text_then_the_letter():
+def test_mmlu_sft_answer_formats():
     assert tasks.mmlu_sft_answer(("w", "x", "y", "z"), 2) == "C"
-    assert tasks.mmlu_sft_answer(("w", "x", "y", "z"), 2, with_text=True) == "y (C)"
+    assert tasks.mmlu_sft_answer(("w", "x", "y", "z"), 2, "text") == "y"
+    assert tasks.mmlu_sft_answer(("w", "x", "y", "z"), 2, "text_letter") == "y (C)"
+    with pytest.raises(ValueError, match="unknown answer format 'word'"):
+        tasks.mmlu_sft_answer(("w", "x", "y", "z"), 2, "word")
 
 
 def test_place_correct_puts_answer_at_position_and_keeps_distractors():

@@ -255,6 +255,9 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PP
             queue.extend(rng.permutation(len(prompts)).tolist())
         return queue.pop()
 
+    if evaluate is not None and step == 0:  # the starting point, for the curves
+        policy.eval()
+        history.append({"step": 0, **evaluate(0)})
     bar = tqdm(total=cfg.total_steps, initial=step, desc=desc)
     while step < cfg.total_steps:
         policy.eval()
