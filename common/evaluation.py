@@ -19,8 +19,8 @@ def mmlu_answer_distribution(model, tokenizer, questions: Sequence[tasks.MCQuest
                              abstain: bool = False, gt_letters: Sequence[str] = tasks.LETTERS) -> pd.DataFrame:
     """For every question and every ground-truth letter L in `gt_letters`: the correct option placed at L, the
     finetuned model's distribution over its answers (A-D, and E when it can abstain), read as a softmax over the
-    answer tokens at the answer position (one forward pass per batch) or, for text-and-letter answers, over the
-    answers' sequence log-likelihoods. Columns p_A .. p_D (p_E)."""
+    answer tokens at the answer position (one forward pass per batch) or, for the formats with the option's text
+    (`tasks.MC_ANSWER_FORMATS`), over the answers' sequence log-likelihoods. Columns p_A .. p_D (p_E)."""
     letters = tasks.LETTERS + ((tasks.ABSTAIN_LETTER,) if abstain else ())
     prompts, options, rows = [], [], []
     for i, q in enumerate(questions):

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.buckets import occupied  # noqa: E402
 from common.results import atomic_write  # noqa: E402
 
 LETTER_COLORS = {"A": "tab:blue", "B": "tab:orange", "C": "tab:green", "D": "tab:red", "E": "tab:purple"}
@@ -76,8 +77,6 @@ def letter_panels(tables: dict, title: str, path: Path, bold_ticks: Sequence[flo
                   ylabel: str = "Predicted Likelihoods (A-D)") -> None:
     """Figure 2/3's MMLU rows: one panel per ground-truth letter, the mean probability of each answer (A-D, and
     E when present) by unfamiliarity bin with a ±1 std band. `tables` come from `evaluation.mmlu_panel_tables`."""
-    from common.buckets import occupied
-
     with paper_style():
         fig, axes = plt.subplots(1, len(tables), figsize=(4.5 * len(tables), 3.6), sharex=True, sharey=True,
                                  squeeze=False)

@@ -83,14 +83,15 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              shift_labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
-def make_optimizer(model, cfg: SFTConfig):
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(params, cfg):
+    """AdamW with a per-step CosineAnnealingLR (SPEC.md 0.3), from any config with lr, betas, eps, weight_decay,
+    t_max and eta_min (SFTConfig, PPOConfig)."""
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.t_max, eta_min=cfg.eta_min)
     return optimizer, scheduler
 
 
-def checkpoint_step(ckpt: Path) -> int:
+def _step_of(ckpt: Path) -> int:
     return int(ckpt.name.split("-")[1])
 
 
@@ -147,7 +148,7 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
     out_dir = Path(out_dir)
     order = np.random.default_rng([seed, 21]).permutation(len(prompts))
     encoded = [encode_pair(tokenizer, prompts[i], responses[i], cfg.max_length) for i in order]
-    optimizer, scheduler = make_optimizer(model, cfg)
+    optimizer, scheduler = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     step, history = 0, []
     last_good = latest_checkpoint(out_dir)
     if last_good is not None and (resume or is_finished(out_dir, cfg)):
@@ -190,7 +191,7 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
 
 def is_finished(out_dir: Path, cfg: SFTConfig) -> bool:
     ckpt = latest_checkpoint(out_dir)
-    return ckpt is not None and checkpoint_step(ckpt) >= cfg.total_steps
+    return ckpt is not None and _step_of(ckpt) >= cfg.total_steps
 
 
 def adapter_dir(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses: Sequence[str], seed: int) -> Path:

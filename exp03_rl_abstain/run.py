@@ -164,7 +164,7 @@ def run_mmlu(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
     def curve_point(step):
         frame = answer_distribution(eval_questions[: cfg.curve_eval_questions], nll_eval)
         return {"abstain_rate": frame.p_E.mean(),
-                "correct_rate": np.where(frame.gt == "A", frame.p_A, frame.p_B).mean()}
+                "correct_rate": np.where(frame["gt"] == "A", frame.p_A, frame.p_B).mean()}
 
     name = f"mmlu_rl{REWARD_NUMBER[reward_name]}"
     train_policy(policy, init_key, base.tokenizer, prompts, score, cfg.mmlu_ppo, name, run, run_args.seed,

@@ -78,7 +78,7 @@ def test_cut_response_at_eos_or_stop_string(tiny_tokenizer):
 
 
 def test_collate_aligns_responses_at_one_column():
-    rollouts = [ppo.Rollout([5, 6], [7], "", 0.0), ppo.Rollout([8], [9, 10, 11], "", 0.0)]
+    rollouts = [ppo.Rollout([5, 6], [7], 0.0), ppo.Rollout([8], [9, 10, 11], 0.0)]
     batch = ppo.collate(rollouts, pad_id=1)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 1, 1], [1, 8, 9, 10, 11]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]]

@@ -123,7 +123,6 @@ class ValueHead(nn.Module):
 class Rollout:
     prompt_ids: list[int]
     response_ids: list[int]
-    text: str
     score: float
     logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
@@ -203,7 +202,7 @@ def collect(policy, value_head, tokenizer, prompts: Sequence[str], order: Callab
         pairs = generate_responses(policy, tokenizer, [prompts[i] for i in idx], cfg)
         texts = [tokenizer.decode(r, skip_special_tokens=False) for _, r in pairs]
         scores = score(idx, texts)
-        chunk = [Rollout(p, r, t, float(s)) for (p, r), t, s in zip(pairs, texts, scores)]
+        chunk = [Rollout(p, r, float(s)) for (p, r), s in zip(pairs, scores)]
         batch = collate(chunk, tokenizer.pad_token_id)
         with torch.no_grad():
             logprobs, values = forward_response(policy, value_head, batch)
@@ -235,13 +234,12 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PP
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     value_head = ValueHead(policy.config.hidden_size).to(next(policy.parameters()).device)
-    params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.t_max, eta_min=cfg.eta_min)
+    optimizer, scheduler = sft.make_optimizer(
+        [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters()), cfg)
     rng = np.random.default_rng([seed, 31])
     step, history = 0, []
     last_good = sft.latest_checkpoint(out_dir)
-    if last_good is not None and (resume or sft.checkpoint_step(last_good) >= cfg.total_steps):
+    if last_good is not None and (resume or sft.is_finished(out_dir, cfg)):
         step, history = sft.load_checkpoint(policy, optimizer, scheduler, last_good, {"value_head": value_head})
         rng = np.random.default_rng([seed, 31, step])
         log.info("%s: %s %s (step %d)", desc, "loaded" if step >= cfg.total_steps else "resumed from", last_good,
