@@ -119,3 +119,25 @@ def outcome_figure(table, edges: Sequence[float], title: str, path: Path) -> Non
         handles, labels = ax.get_legend_handles_labels()
         ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
         save_figure(fig, path)
+
+
+def reward_lines(table, title: str, path: Path, at_bin_index: bool = False,
+                 xlabel: str = UNFAMILIARITY_LABEL) -> None:
+    """Figure 4: a reward model's mean P(reward 1) on right (dark green) and wrong (dark red) answers by
+    unfamiliarity bin, ±1 std bands. x is the bin's mean score, or with `at_bin_index` the bin's position labelled
+    by its range (the TriviaQA panels). `table` has p_right_* and p_wrong_* columns per bin."""
+    shown = occupied(table)
+    x = shown["bin"].to_numpy() if at_bin_index else shown["x_mean"].to_numpy()
+    with paper_style(font_size=18):
+        fig, ax = plt.subplots(figsize=(6, 5))
+        for reward, column in ((1, "p_right"), (0, "p_wrong")):
+            line_with_band(ax, x, shown[f"{column}_mean"], shown[f"{column}_std"], REWARD_COLORS[reward],
+                           f"Ground-Truth Reward {reward}", alpha=0.3, linewidth=5)
+        if at_bin_index:
+            ax.set_xticks(x, shown["bin_label"], fontsize=12)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("Predicted Likelihood of\nReward 1")
+        ax.set_title(title, fontweight="bold")
+        ax.legend(frameon=False, loc="best")
+        save_figure(fig, path)

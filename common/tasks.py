@@ -15,6 +15,7 @@ IDK = "I don't know."
 ANSWER_PREFIX = "The answer is "
 MC_ANSWER_FORMATS = ("letter", "text", "text_letter")  # how a finetuned model answers a multiple-choice question
 EOS_STRINGS = (" </s>", "</s>")
+REWARD_WORDS = {1: "True", 0: "False"}  # a reward model's SFT targets for reward 1 and reward 0 (SPEC.md section 5)
 
 # Grading categories: a malformed output is its own category, never a crash.
 CORRECT, INCORRECT, IDK_CATEGORY, MALFORMED = "correct", "incorrect", "idk", "malformed"
@@ -167,3 +168,14 @@ def triviaqa_sft_prompt(question: str) -> str:
 def triviaqa_target(value: str | None) -> str:
     """SFT target: "The answer is X." or, for value None, the IDK string."""
     return IDK if value is None else f"{ANSWER_PREFIX}{value}."
+
+
+def mmlu_rm_prompt(question: str, choices: Sequence[str], answer: str) -> str:
+    """The MMLU reward-model prompt (SPEC.md section 5): the Exp.1 prompt, the candidate answer and a newline."""
+    return f"{mmlu_sft_prompt(question, choices)}{answer}\n"
+
+
+def triviaqa_rm_prompt(question: str, answer: str, normalize: bool = True) -> str:
+    """The TriviaQA reward-model prompt (SPEC.md section 5); the authors pass the answer through the SQuAD
+    normaliser (the synthetic tokenizer knows only the answers' written forms, so its scale turns that off)."""
+    return f"Q: {question}\nA: {normalize_answer(answer) if normalize else answer}\n"

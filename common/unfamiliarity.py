@@ -3,7 +3,8 @@
 - MMLU-style: the negative log-likelihood of the correct answer under the base model's predicted distribution
   over the four options. `scoring="letter"` reads the four letter tokens after the 5-shot prompt (the paper);
   `scoring="cloze"` normalises the likelihoods of the option texts (the synthetic world's choice, see README).
-- TriviaQA-style: how many of 12 few-shot samples are incorrect.
+- TriviaQA-style: how many of 12 few-shot samples are incorrect. The same few-shot sampler supplies the
+  reward models' incorrect answers.
 """
 from __future__ import annotations
 
@@ -70,10 +71,10 @@ def mmlu_choice_probs(model, tokenizer, questions: Sequence[tasks.MCQuestion],
     raise ValueError(f"unknown MMLU scoring {scoring!r}; use 'letter' or 'cloze'")
 
 
-def count_incorrect_samples(model, tokenizer, questions: Sequence[tasks.QAQuestion],
-                            exemplar_pool: Sequence[tasks.QAQuestion], settings: QAScoringSettings,
-                            seed: int) -> np.ndarray:
-    """For each question, how many of `n_samples` few-shot samples are incorrect."""
+def fewshot_samples(model, tokenizer, questions: Sequence[tasks.QAQuestion],
+                    exemplar_pool: Sequence[tasks.QAQuestion], settings: QAScoringSettings,
+                    seed: int) -> list[list[str]]:
+    """`n_samples` few-shot base-model samples per question (SPEC.md 1.2), exemplars drawn from the pool."""
     rng = np.random.default_rng([seed, 11])
     prompts = []
     for q in questions:
@@ -82,26 +83,54 @@ def count_incorrect_samples(model, tokenizer, questions: Sequence[tasks.QAQuesti
         prompts.append(tasks.qa_fewshot_prompt(q, shots[: settings.n_shots]))
     cfg = sampling.SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                   num_samples=settings.n_samples, stop=("\n",), batch_size=settings.batch_size)
-    samples = sampling.generate(model, tokenizer, prompts, cfg, desc="unfamiliarity: samples", generator_seed=seed)
+    return sampling.generate(model, tokenizer, prompts, cfg, desc="few-shot samples", generator_seed=seed)
+
+
+def count_incorrect_samples(model, tokenizer, questions: Sequence[tasks.QAQuestion],
+                            exemplar_pool: Sequence[tasks.QAQuestion], settings: QAScoringSettings,
+                            seed: int) -> np.ndarray:
+    """For each question, how many of `n_samples` few-shot samples are incorrect."""
+    samples = fewshot_samples(model, tokenizer, questions, exemplar_pool, settings, seed)
     return np.array([sum(not tasks.grade_fewshot_sample(s, q) for s in group) for group, q in zip(samples, questions)])
 
 
+def sample_incorrect_answers(model, tokenizer, questions: Sequence[tasks.QAQuestion],
+                             exemplar_pool: Sequence[tasks.QAQuestion], settings: QAScoringSettings, seed: int,
+                             max_rounds: int) -> list[str]:
+    """One incorrect answer per question, for reward-0 examples (SPEC.md section 5 [PROPOSED]): the first few-shot
+    base-model sample whose normalised form is non-empty and matches no alias. Questions still without one draw
+    another round of `n_samples`, up to `max_rounds`; "" marks a question the model never got wrong."""
+    answers = [""] * len(questions)
+    todo = list(range(len(questions)))
+    for r in range(max_rounds):
+        round_seed = int(np.random.default_rng([seed, 13, r]).integers(2**31))
+        samples = fewshot_samples(model, tokenizer, [questions[i] for i in todo], exemplar_pool, settings, round_seed)
+        for i, group in zip(todo, samples):
+            answers[i] = next((a for a in (tasks.strip_eos(s.split("\n", 1)[0]).strip() for s in group)
+                               if tasks.normalize_answer(a) and not tasks.grade_fewshot_sample(a, questions[i])), "")
+        todo = [i for i in todo if not answers[i]]
+        if not todo:
+            break
+    return answers
+
+
 def cached_scores(kind: str, model_key: str, ids: Sequence[str], settings: object, compute,
-                  cache_hits: dict | None = None) -> np.ndarray:
+                  cache_hits: dict | None = None, dtype: type = float) -> np.ndarray:
     """Scores for `ids` from `<cache>/unfamiliarity/<hash>.csv`, computed with `compute()` on a miss.
 
     The key covers the model, the task, every question id and the settings, so any change recomputes.
+    `dtype=str` stores text (an empty string stays empty, not NaN).
     """
     path = cache.cache_root() / "unfamiliarity" / f"{kind}-{cache.config_hash(model_key, kind, list(ids), settings)}.csv"
     hit = path.exists()
     if cache_hits is not None:
         cache_hits[f"unfamiliarity_{kind}"] = hit
     if hit:
-        frame = pd.read_csv(path, dtype={"id": str})
+        frame = pd.read_csv(path, dtype={"id": str, "score": dtype}, na_filter=dtype is not str)
         if list(frame["id"]) == list(ids):
             return frame["score"].to_numpy()
         log.warning("cached scores at %s do not match the questions; recomputing", path)
-    scores = np.asarray(compute(), dtype=float)
+    scores = np.asarray(compute(), dtype=dtype)
     results.write_csv(Path(path), pd.DataFrame({"id": list(ids), "score": scores}), float_format=None)
     return scores
 
@@ -127,3 +156,15 @@ def triviaqa_unfamiliarity(model, tokenizer, model_key: str, questions: Sequence
                                      "pool": [q.question_id for q in exemplar_pool]},
         lambda: count_incorrect_samples(model, tokenizer, questions, exemplar_pool, settings, seed),
         cache_hits)
+
+
+def triviaqa_incorrect_answers(model, tokenizer, model_key: str, questions: Sequence[tasks.QAQuestion],
+                               exemplar_pool: Sequence[tasks.QAQuestion],
+                               settings: QAScoringSettings = QAScoringSettings(), seed: int = 0, max_rounds: int = 4,
+                               cache_hits: dict | None = None) -> np.ndarray:
+    ids = [q.question_id for q in questions]
+    return cached_scores(
+        "triviaqa-incorrect-answers", model_key, ids,
+        {"settings": settings, "seed": seed, "max_rounds": max_rounds, "pool": [q.question_id for q in exemplar_pool]},
+        lambda: sample_incorrect_answers(model, tokenizer, questions, exemplar_pool, settings, seed, max_rounds),
+        cache_hits, dtype=str)

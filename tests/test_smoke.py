@@ -79,3 +79,23 @@ def test_exp03_micro_run_trains_both_tasks_and_keeps_the_other_rewards_results(t
     assert manifest["cache_hits"]["sft_mmlu_sft_init"]  # the SFT starting point is shared by both rewards
     for name in ("mmlu_rl1", "mmlu_rl2", "triviaqa_rl1"):
         assert (tmp_path / f"{name}.png").exists() and (tmp_path / f"{name}_curves.png").exists()
+
+
+def test_exp04_micro_run_writes_reward_curves_and_keeps_the_other_tasks_claims(tmp_path):
+    run_module(["exp04_reward_models/run.py", "--scale", "synthetic", "--task", "triviaqa"], tmp_path)
+    table = pd.read_csv(tmp_path / "triviaqa_rm1.csv")
+    assert {"count", "x_mean", "p_right_mean", "p_right_std", "p_wrong_mean", "p_wrong_std"} <= set(table.columns)
+    predictions = pd.read_csv(tmp_path / "triviaqa_rm2_predictions.csv")
+    assert predictions.p_right.between(0, 1).all() and len(predictions) == 12
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["cache_hits"]["unfamiliarity_triviaqa-incorrect-answers"] is False
+    run_module(["exp04_reward_models/run.py", "--scale", "synthetic", "--task", "mmlu", "--distribution", "1",
+                "--authors-composition"], tmp_path)
+    ids = [c["id"] for c in json.loads((tmp_path / "claims.json").read_text())["claims"]]
+    assert ids == ["fig4.mmlu.dist1.overestimate", "fig4.mmlu.dist1.familiar_separates",
+                   "fig4.triviaqa.dist1.overestimate", "fig4.triviaqa.dist1.familiar_separates",
+                   "fig4.triviaqa.dist2.underestimate", "fig4.triviaqa.dist2.familiar_separates"]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["config"]["authors_composition"] is True
+    for name in ("mmlu_rm1", "triviaqa_rm1", "triviaqa_rm2"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
