@@ -77,8 +77,8 @@ PRESETS = {
 def composition(familiar_idx: np.ndarray, unfamiliar_idx: np.ndarray, distribution: int, authors: bool,
                 rng: np.random.Generator) -> pd.DataFrame:
     """The finetuning examples as rows (question, reward, familiar), before any prompt is written. The caller has
-    already balanced the two groups; familiar questions carry both labels, unfamiliar ones only the
-    distribution's."""
+    already balanced the two groups. Familiar examples are half reward 1, half reward 0: each question once at a
+    random label, or (`authors`) twice with both; unfamiliar ones all carry the distribution's label."""
     if authors:
         fam_q, fam_r = np.repeat(familiar_idx, 2), np.tile([1, 0], len(familiar_idx))
     else:
@@ -89,10 +89,8 @@ def composition(familiar_idx: np.ndarray, unfamiliar_idx: np.ndarray, distributi
     return rows.astype({"question": int, "reward": int})
 
 
-def mmlu_candidate(q: tasks.MCQuestion, choices: tuple[str, ...], reward: int, answer: str,
-                   rng: np.random.Generator) -> str:
+def mmlu_candidate(choices: tuple[str, ...], correct: int, reward: int, answer: str, rng: np.random.Generator) -> str:
     """The correct option (reward 1) or a uniformly random wrong one (reward 0), written in format `answer`."""
-    correct = choices.index(q.correct_text)
     position = correct if reward else int(rng.choice([j for j in range(len(choices)) if j != correct]))
     return tasks.mmlu_sft_answer(choices, position, answer)
 
@@ -109,10 +107,10 @@ def mmlu_examples(questions: list[tasks.MCQuestion], familiar: np.ndarray, distr
     rows = composition(fam_idx, unf_idx, distribution, cfg.authors_composition, rng)
     prompts = []
     for i, reward in zip(rows.question, rows.reward):
-        q = questions[i]
-        choices = tasks.place_correct(q, int(rng.integers(len(tasks.LETTERS))), rng)
-        prompts.append(tasks.mmlu_rm_prompt(q.question, choices, mmlu_candidate(q, choices, reward,
-                                                                                cfg.mmlu_answer, rng)))
+        correct = int(rng.integers(len(tasks.LETTERS)))
+        choices = tasks.place_correct(questions[i], correct, rng)
+        prompts.append(tasks.mmlu_rm_prompt(questions[i].question, choices,
+                                            mmlu_candidate(choices, correct, reward, cfg.mmlu_answer, rng)))
     return prompts, rows
 
 
@@ -165,7 +163,7 @@ def run_mmlu(base, cfg: Exp4Config, distributions: list[int], run, run_args) -> 
     rng = np.random.default_rng([run_args.seed, 40])
     right = [tasks.mmlu_rm_prompt(q.question, q.choices, tasks.mmlu_sft_answer(q.choices, q.answer, cfg.mmlu_answer))
              for q in eval_questions]
-    wrong = [tasks.mmlu_rm_prompt(q.question, q.choices, mmlu_candidate(q, q.choices, 0, cfg.mmlu_answer, rng))
+    wrong = [tasks.mmlu_rm_prompt(q.question, q.choices, mmlu_candidate(q.choices, q.answer, 0, cfg.mmlu_answer, rng))
              for q in eval_questions]
     for distribution in distributions:
         prompts, rows = mmlu_examples(pool, familiar, distribution, cfg, np.random.default_rng([run_args.seed,
