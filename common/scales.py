@@ -21,6 +21,11 @@ class UsageError(SystemExit):
         super().__init__(f"error: {message}")
 
 
+def preset_key(scale: str, preset: str) -> str:
+    """Which entry of a module's PRESETS a run uses: the micro preset overrides the scale (tests run it on CPU)."""
+    return "micro" if preset == "micro" else scale
+
+
 @dataclass(frozen=True)
 class RunArgs:
     experiment: str
@@ -30,6 +35,10 @@ class RunArgs:
     seed: int
     out: Path
     resume: bool
+
+    @property
+    def preset_key(self) -> str:
+        return preset_key(self.scale, self.preset)
 
 
 def cuda_available() -> bool:

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from common import cache, plotting, results, sampling, tasks, unfamiliarity
+from common import cache, plotting, results, sampling, scales, tasks, unfamiliarity
 
 log = logging.getLogger(__name__)
 WORLD_VERSION = 1  # bump when generation or training changes what a cached world would contain
@@ -152,7 +152,7 @@ PRESETS = {
 
 
 def world_preset(scale: str, preset: str) -> WorldPreset:
-    return PRESETS["micro" if preset == "micro" else scale]
+    return PRESETS[scales.preset_key(scale, preset)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -520,11 +520,9 @@ MC_SCORING = "cloze"  # see README: letter scoring stays near chance at this mod
 
 
 def main(argv=None) -> None:
-    from common.scales import add_common_args, parse_run_args
-
     parser = argparse.ArgumentParser(description="Build (or load) the synthetic world and measure familiarity.")
-    add_common_args(parser)
-    args, run_args = parse_run_args("world", parser, argv)
+    scales.add_common_args(parser)
+    args, run_args = scales.parse_run_args("world", parser, argv)
     if run_args.scale != "synthetic" and run_args.preset != "micro":
         raise SystemExit("error: the synthetic world exists only at --scale synthetic")
     preset = world_preset(run_args.scale, run_args.preset)

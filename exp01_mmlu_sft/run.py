@@ -116,7 +116,7 @@ def main(argv=None) -> None:
                         help="train distribution 1 on the whole pool, as the authors' code did (SPEC.md section 9)")
     scales.add_common_args(parser)
     args, run_args = scales.parse_run_args(EXPERIMENT, parser, argv)
-    cfg = PRESETS["micro" if run_args.preset == "micro" else run_args.scale]
+    cfg = PRESETS[run_args.preset_key]
     if args.unrebalanced_dist1:
         cfg = replace(cfg, rebalance_dist1=False)
     distributions = [1, 2] if args.distribution == "all" else [int(args.distribution)]

@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     parser.add_argument("--distribution", default="all", choices=["1", "2", "3", "all"])
     scales.add_common_args(parser)
     args, run_args = scales.parse_run_args(EXPERIMENT, parser, argv)
-    cfg = PRESETS["micro" if run_args.preset == "micro" else run_args.scale]
+    cfg = PRESETS[run_args.preset_key]
     distributions = [1, 2, 3] if args.distribution == "all" else [int(args.distribution)]
     run = results.Run(run_args.out, EXPERIMENT, run_args.scale, run_args.preset, run_args.seed,
                       config=asdict(cfg) | {"distributions": distributions})

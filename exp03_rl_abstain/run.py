@@ -277,7 +277,7 @@ def main(argv=None) -> None:
                              "did (only positive advantages then get a gradient; SPEC.md section 9 item 5)")
     scales.add_common_args(parser)
     args, run_args = scales.parse_run_args(EXPERIMENT, parser, argv)
-    cfg = PRESETS["micro" if run_args.preset == "micro" else run_args.scale]
+    cfg = PRESETS[run_args.preset_key]
     if args.replicate_kl0_quirk:
         cfg = replace(cfg, mmlu_ppo=replace(cfg.mmlu_ppo, replicate_kl0_quirk=True),
                       triviaqa_ppo=replace(cfg.triviaqa_ppo, replicate_kl0_quirk=True))

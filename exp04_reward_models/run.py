@@ -267,7 +267,7 @@ def main(argv=None) -> None:
                              "2:1), as the authors' code did (SPEC.md section 9 item 8)")
     scales.add_common_args(parser)
     args, run_args = scales.parse_run_args(EXPERIMENT, parser, argv)
-    cfg = PRESETS["micro" if run_args.preset == "micro" else run_args.scale]
+    cfg = PRESETS[run_args.preset_key]
     if args.authors_composition:
         cfg = replace(cfg, authors_composition=True)
     distributions = [1, 2] if args.distribution == "all" else [int(args.distribution)]

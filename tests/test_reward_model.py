@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from common import reward_model, sft, tasks, unfamiliarity
+from common import results, reward_model, sft, tasks, unfamiliarity
 from conftest import last_token_model, tiny_llama
 from test_experiments import MC, QA, load_run
 
@@ -44,19 +44,10 @@ def test_training_makes_the_reward_model_follow_its_labels(rm_tokenizer, tmp_pat
                        key="tiny")
     prompts = ["Q: Where was Velorin born?\nA: Paris\n", "Q: Where was Velorin born?\nA: Rome\n"]
 
-    class Run:  # what finetune_lora records
-        cache_hits, timings = {}, {}
-
-        def stage(self, name):
-            import contextlib
-            return contextlib.nullcontext()
-
-        def write_csv(self, name, frame):
-            pass
-
     cfg = sft.SFTConfig(lr=3e-2, batch_size=2, total_steps=60, t_max=60, eta_min=3e-2, checkpoint_every=60)
     torch.manual_seed(0)
-    model = reward_model.train(base, models.LoraSettings(r=4, alpha=8), cfg, prompts, [1, 0], "rm", Run(), seed=0)
+    run = results.Run(tmp_path, "exp04", "synthetic", "micro", 0)
+    model = reward_model.train(base, models.LoraSettings(r=4, alpha=8), cfg, prompts, [1, 0], "rm", run, seed=0)
     p = reward_model.predict(model, rm_tokenizer, prompts)
     assert p[0] > 0.9 and p[1] < 0.1
 
