@@ -39,10 +39,20 @@ class Exp3Config:
     lora: models.LoraSettings = field(default_factory=models.LoraSettings)
     abstain_fraction: float = 0.5  # MMLU init: each target independently replaced by "E" (SPEC.md section 4)
     idk_fraction: float = 0.4  # TriviaQA init: a random 40% of the targets are "I don't know."
+    # None: the SFT starting point and PPO use the whole finetuning pool, as the authors did (their SFT sees each
+    # question less than once). A fraction: the SFT starting point learns from that share of the pool and PPO
+    # runs on the rest, because many SFT epochs over a small pool memorise the answers, and PPO would then reward
+    # answering questions the base model never knew.
+    sft_init_fraction: float | None = None
     mmlu_scoring: str = "letter"
     # The letter (SPEC.md section 4); at synthetic scale the option's text: a model that cannot bind letters to
     # options (exp01's README) would sample inconsistent "text (L)" answers, malformed at -6 each.
     answer: str = "letter"
+    # Synthetic scale: the MMLU policy's first token is restricted to the answers on offer (the four options and
+    # E). A model that cannot read its options samples values that are not among them (a third of its answers
+    # to familiar questions), each malformed at -6, and PPO learns to abstain everywhere; restricted, it is a
+    # five-way choice like the paper's letter policy, and PPO's log-probs use the same restriction.
+    restrict_to_options: bool = False
     nll_bins: tuple[float, ...] = (0, 0.02, 0.5, 1, 1.5, 2)
     triviaqa_scoring: unfamiliarity.QAScoringSettings = field(default_factory=unfamiliarity.QAScoringSettings)
     incorrect_bins: tuple[int, ...] = (1, 3, 5, 7, 9, 11, 13)
@@ -74,7 +84,8 @@ PRESETS = {
         triviaqa_ppo=ppo.PPOConfig(lr=3e-3, eta_min=3e-3, cliprange=0.2, total_steps=480, num_rollouts=512,
                                    chunk_size=256, batch_size=128, ppo_epochs=4, vf_only_steps=16,
                                    init_kl_coef=0.1, max_new_tokens=12, checkpoint_every=160, eval_every=80),
-        mmlu_scoring="cloze", answer="text", nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 2.0),
+        sft_init_fraction=0.5, mmlu_scoring="cloze", answer="text", restrict_to_options=True,
+        nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 2.0),
         triviaqa_scoring=unfamiliarity.QAScoringSettings(max_new_tokens=6, batch_size=64),
         incorrect_bins=(0, 2, 4, 6, 8, 10, 13), eval_batch_size=128,
         eval_sampling=sampling.SamplingConfig(max_new_tokens=12, temperature=1.0, batch_size=256)),
@@ -85,10 +96,11 @@ PRESETS = {
         triviaqa_ppo=ppo.PPOConfig(lr=1e-3, eta_min=1e-3, total_steps=4, num_rollouts=4, chunk_size=4,
                                    batch_size=2, ppo_epochs=1, vf_only_steps=2, init_kl_coef=0.1,
                                    max_new_tokens=4, checkpoint_every=2, eval_every=2),
-        mmlu_scoring="cloze", answer="text", nll_bins=(0, 0.5, 1.0, 5.0), incorrect_bins=(0, 2, 4),
+        mmlu_scoring="cloze", answer="text", restrict_to_options=True, nll_bins=(0, 0.5, 1.0, 5.0),
+        incorrect_bins=(0, 2, 4),
         triviaqa_scoring=unfamiliarity.QAScoringSettings(n_samples=3, max_new_tokens=4, batch_size=32),
         eval_sampling=sampling.SamplingConfig(max_new_tokens=6, temperature=1.0, batch_size=32),
-        eval_batch_size=32, curve_eval_questions=4, max_eval_questions=8),
+        eval_batch_size=32, curve_eval_questions=4, max_eval_questions=8, sft_init_fraction=0.5),
 }
 
 
@@ -101,14 +113,25 @@ def rl_policy(base: models.Base, lora: models.LoraSettings, sft_cfg: sft.SFTConf
     return models.add_lora(models.merge_lora(model), lora), init_key
 
 
+def init_and_rl_questions(n: int, fraction: float | None, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """Indices of the finetuning questions the SFT starting point learns from, and of those PPO trains on."""
+    if fraction is None:
+        return list(range(n)), list(range(n))
+    order = rng.permutation(n).tolist()
+    cut = round(fraction * n)
+    return sorted(order[:cut]), sorted(order[cut:])
+
+
 def train_policy(policy, init_key: str, tokenizer, prompts: list[str], score, cfg: ppo.PPOConfig, name: str, run,
-                 seed: int, resume: bool, evaluate) -> None:
-    """PPO (cached by the starting point, the settings, the prompts and the reward), with training curves."""
-    out_dir = cache.cache_dir("ppo", init_key, name, cfg, seed, prompts)
+                 seed: int, resume: bool, evaluate, first_tokens: list[list[int]] | None = None) -> None:
+    """PPO (cached by the starting point, the settings, the prompts, the first-token restriction and the reward),
+    with training curves."""
+    key_parts = (init_key, name, cfg, seed, prompts) + (() if first_tokens is None else (first_tokens,))
+    out_dir = cache.cache_dir("ppo", *key_parts)
     run.cache_hits[f"ppo_{name}"] = sft.is_finished(out_dir, cfg)
     with run.stage(f"ppo_{name}"):
         _, curves = ppo.train_ppo(policy, tokenizer, prompts, score, cfg, out_dir, seed, resume=resume,
-                                  evaluate=evaluate, desc=f"PPO {name}")
+                                  evaluate=evaluate, desc=f"PPO {name}", first_tokens=first_tokens)
     run.write_csv(f"{name}_curves.csv", curves)
     plot_curves(curves, name, run.path(f"{name}_curves.png"))
 
@@ -149,11 +172,12 @@ def run_mmlu(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
     abstain = rng.random(len(pool)) < cfg.abstain_fraction
     targets = [tasks.ABSTAIN_LETTER if a else tasks.mmlu_sft_answer(c, int(p), cfg.answer)
                for a, c, p in zip(abstain, options, positions)]
-    policy, init_key = rl_policy(base, cfg.lora, cfg.mmlu_sft, prompts, targets, "mmlu_sft_init", run,
-                                 run_args.seed, run_args.resume)
+    init, rl = init_and_rl_questions(len(pool), cfg.sft_init_fraction, rng)
+    policy, init_key = rl_policy(base, cfg.lora, cfg.mmlu_sft, [prompts[i] for i in init],
+                                 [targets[i] for i in init], "mmlu_sft_init", run, run_args.seed, run_args.resume)
 
     def score(idx, texts):
-        return [reward(tasks.grade_mc_answer(t, options[i], int(positions[i]), cfg.answer,
+        return [reward(tasks.grade_mc_answer(t, options[rl[i]], int(positions[rl[i]]), cfg.answer,
                                              allow_abstain=True), reward_name, "mmlu") for i, t in zip(idx, texts)]
 
     def answer_distribution(questions, nll, gt_letters=tasks.LETTERS[:2]):
@@ -166,9 +190,12 @@ def run_mmlu(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
         return {"abstain_rate": frame.p_E.mean(),
                 "correct_rate": np.where(frame["gt"] == "A", frame.p_A, frame.p_B).mean()}
 
+    first_tokens = None
+    if cfg.restrict_to_options:
+        first_tokens = [sampling.first_token_ids(base.tokenizer, [*options[i], tasks.ABSTAIN_LETTER]) for i in rl]
     name = f"mmlu_rl{REWARD_NUMBER[reward_name]}"
-    train_policy(policy, init_key, base.tokenizer, prompts, score, cfg.mmlu_ppo, name, run, run_args.seed,
-                 run_args.resume, curve_point)
+    train_policy(policy, init_key, base.tokenizer, [prompts[i] for i in rl], score, cfg.mmlu_ppo, name, run, run_args.seed,
+                 run_args.resume, curve_point, first_tokens)
     with run.stage(f"evaluate_{name}"):
         tables = evaluation.mmlu_panel_tables(answer_distribution(eval_questions, nll_eval),
                                               Bins(cfg.nll_bins, closed="open"))
@@ -196,11 +223,14 @@ def run_triviaqa(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
     idk[rng.choice(len(pool), size=round(cfg.idk_fraction * len(pool)), replace=False)] = True
     prompts = [tasks.triviaqa_sft_prompt(q.question) for q in pool]
     targets = [tasks.triviaqa_target(None if i else q.value) for q, i in zip(pool, idk)]
-    policy, init_key = rl_policy(base, cfg.lora, cfg.triviaqa_sft, prompts, targets, "triviaqa_sft_init", run,
-                                 run_args.seed, run_args.resume)
+    init, rl = init_and_rl_questions(len(pool), cfg.sft_init_fraction, rng)
+    policy, init_key = rl_policy(base, cfg.lora, cfg.triviaqa_sft, [prompts[i] for i in init],
+                                 [targets[i] for i in init], "triviaqa_sft_init", run, run_args.seed,
+                                 run_args.resume)
 
     def score(idx, texts):
-        return [reward(tasks.grade_short_answer(t, pool[i]), reward_name, "triviaqa") for i, t in zip(idx, texts)]
+        return [reward(tasks.grade_short_answer(t, pool[rl[i]]), reward_name, "triviaqa")
+                for i, t in zip(idx, texts)]
 
     def outcomes(questions, n_incorrect):
         return evaluation.triviaqa_outcomes(policy, base.tokenizer, questions, n_incorrect, cfg.eval_sampling,
@@ -212,7 +242,7 @@ def run_triviaqa(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
         return {"abstain_rate": frame.idk.mean(), "correct_rate": frame.correct.mean()}
 
     name = f"triviaqa_rl{REWARD_NUMBER[reward_name]}"
-    train_policy(policy, init_key, base.tokenizer, prompts, score, cfg.triviaqa_ppo, name, run, run_args.seed,
+    train_policy(policy, init_key, base.tokenizer, [prompts[i] for i in rl], score, cfg.triviaqa_ppo, name, run, run_args.seed,
                  run_args.resume, curve_point)
     with run.stage(f"evaluate_{name}"):
         frame = outcomes(eval_questions, incorrect_eval)

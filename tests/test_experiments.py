@@ -87,3 +87,32 @@ def test_exp02_claims_from_a_hand_made_table():
     c = {x.id: x for x in exp02.distribution_claims(3, table)}
     assert c["fig2.triviaqa.dist3.idk_flat"].value == pytest.approx(0.5)
     assert c["fig2.triviaqa.dist3.incorrect_rises"].value == pytest.approx(0.2)
+
+
+exp03 = load_run("exp03_rl_abstain")
+
+
+def test_exp03_sft_starting_point_and_ppo_split_the_pool():
+    init, rl = exp03.init_and_rl_questions(10, 0.3, np.random.default_rng(0))
+    assert len(init) == 3 and len(rl) == 7 and sorted(init + rl) == list(range(10))
+    assert exp03.init_and_rl_questions(4, None, np.random.default_rng(0)) == ([0, 1, 2, 3], [0, 1, 2, 3])
+
+
+def test_exp03_claims_from_hand_made_tables(tmp_path):
+    def mmlu(p_gt, p_e):  # three bins, an empty middle one that claims must skip
+        return pd.DataFrame({"count": [5, 0, 5], "p_A_mean": p_gt, "p_B_mean": p_gt, "p_E_mean": p_e})
+
+    for gt in "AB":
+        mmlu([0.9, np.nan, 0.3], [0.05, np.nan, 0.08]).to_csv(tmp_path / f"mmlu_rl1_gt{gt}.csv", index=False)
+    mmlu([0.75, np.nan, 0.2], [0.1, np.nan, 0.6]).to_csv(tmp_path / "mmlu_rl2_gtA.csv", index=False)
+    mmlu([0.8, np.nan, 0.2], [0.2, np.nan, 0.55]).to_csv(tmp_path / "mmlu_rl2_gtB.csv", index=False)
+    pd.DataFrame({"count": [4, 4], "correct_mean": [0.8, 0.1], "idk_mean": [0.0, 0.12]}).to_csv(
+        tmp_path / "triviaqa_rl1.csv", index=False)
+    c = {x.id: x for x in exp03.compute_claims(tmp_path)}
+    assert c["fig3.mmlu.first.no_abstain"].value == pytest.approx(0.08) and c["fig3.mmlu.first.no_abstain"].passed
+    # panel B: last bin 0.55 - 0.5 = 0.05, rise 0.55 - 0.2 - 0.3 = 0.05; panel A: 0.1 and 0.2
+    assert c["fig3.mmlu.second.abstain_last"].value == pytest.approx(0.05)
+    assert c["fig3.mmlu.familiar_correct"].value == pytest.approx(0.75)  # the smallest over rewards and panels
+    assert c["fig3.triviaqa.first.no_abstain"].value == pytest.approx(0.12)
+    assert not c["fig3.triviaqa.first.no_abstain"].passed
+    assert "fig3.triviaqa.second.abstain_last" not in c  # reward second was not run

@@ -86,6 +86,31 @@ def test_collate_aligns_responses_at_one_column():
     assert batch["prompt_width"] == 2
 
 
+def test_restricted_first_token_is_renormalised_over_its_allowed_set():
+    logits = T([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    logp = torch.log_softmax(ppo.restrict_first_token(logits, [[0, 2], None]), -1)
+    close(logp[0, [0, 2]], [1 - math.log(math.e + math.e**3), 3 - math.log(math.e + math.e**3)])
+    assert torch.isinf(logp[0, [1, 3]]).all()
+    close(logp[1], torch.log_softmax(logits[1], -1).tolist())
+
+
+def test_sampling_and_log_probs_share_the_first_token_restriction(tiny_tokenizer):
+    torch.manual_seed(0)
+    model = tiny_llama(tiny_tokenizer, hidden=16)
+    allowed = tiny_tokenizer(" Paris Rome", add_special_tokens=False).input_ids
+    prompts = ["Q: Where was Velorin born?\nA:"] * 16
+    cfg = ppo.PPOConfig(max_new_tokens=2)
+    pairs = ppo.generate_responses(model, tiny_tokenizer, prompts, cfg, [allowed] * 16)
+    assert {r[0] for _, r in pairs} <= set(allowed)
+    batch = ppo.collate([ppo.Rollout(p, r, 0.0, first_tokens=allowed) for p, r in pairs], tiny_tokenizer.pad_token_id)
+    logprobs, _ = ppo.forward_response(model, None, batch)
+    with torch.no_grad():
+        free = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    first = free[:, batch["prompt_width"] - 1]
+    expected = torch.log_softmax(first[:, allowed], -1)[torch.arange(16), [allowed.index(r[0]) for _, r in pairs]]
+    close(logprobs[:, 0], expected.tolist(), atol=1e-5)
+
+
 def test_value_head_sees_a_detached_hidden_state():
     head = ppo.ValueHead(4)
     hidden = torch.randn(2, 3, 4, requires_grad=True)

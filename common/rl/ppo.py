@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from common import sft
 
@@ -127,6 +128,28 @@ class Rollout:
     logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    first_tokens: Sequence[int] | None = None  # the only tokens the response may start with (None: any)
+
+
+def restrict_first_token(logits: torch.Tensor, first_tokens: Sequence[Sequence[int] | None]) -> torch.Tensor:
+    """`logits` [batch, vocab] of each response's first token with every token outside its allowed set at -inf,
+    so sampling and log-probs describe the same restricted policy."""
+    allowed = torch.ones_like(logits, dtype=torch.bool)
+    for i, tokens in enumerate(first_tokens):
+        if tokens is not None:
+            allowed[i] = False
+            allowed[i, list(tokens)] = True
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+class FirstTokenRestriction(LogitsProcessor):
+    def __init__(self, first_tokens: Sequence[Sequence[int] | None], prompt_width: int):
+        self.first_tokens, self.prompt_width = first_tokens, prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] != self.prompt_width:
+            return scores
+        return restrict_first_token(scores, self.first_tokens)
 
 
 def cut_response(ids: list[int], tokenizer, stop: Sequence[str]) -> list[int]:
@@ -141,11 +164,16 @@ def cut_response(ids: list[int], tokenizer, stop: Sequence[str]) -> list[int]:
 
 
 @torch.no_grad()
-def generate_responses(model, tokenizer, prompts: Sequence[str], cfg: PPOConfig) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) per prompt: one sample each at the configured temperature, with the KV cache."""
+def generate_responses(model, tokenizer, prompts: Sequence[str], cfg: PPOConfig,
+                       first_tokens: Sequence[Sequence[int] | None] | None = None,
+                       ) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) per prompt: one sample each at the configured temperature, with the KV cache;
+    the first token drawn from each prompt's `first_tokens` where given."""
     device = next(model.parameters()).device
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    restriction = [] if first_tokens is None else [FirstTokenRestriction(first_tokens, enc["input_ids"].shape[1])]
     seqs = model.generate(**enc, do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                          logits_processor=LogitsProcessorList(restriction),
                           max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                           eos_token_id=tokenizer.eos_token_id, use_cache=True)
     width = enc["input_ids"].shape[1]
@@ -169,7 +197,8 @@ def collate(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor]
         ids[i, p_width : p_width + len(r.response_ids)] = torch.tensor(r.response_ids)
         attention[i, p_width - len(r.prompt_ids) : p_width + len(r.response_ids)] = 1
         mask[i, : len(r.response_ids)] = 1
-    return {"input_ids": ids, "attention_mask": attention, "mask": mask, "prompt_width": p_width}
+    return {"input_ids": ids, "attention_mask": attention, "mask": mask, "prompt_width": p_width,
+            "first_tokens": [r.first_tokens for r in rollouts]}
 
 
 def forward_response(model, value_head: ValueHead | None, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -179,6 +208,7 @@ def forward_response(model, value_head: ValueHead | None, batch: dict) -> tuple[
     out = model(input_ids=ids, attention_mask=attention, output_hidden_states=value_head is not None, use_cache=False)
     start, width = batch["prompt_width"], batch["mask"].shape[1]
     logits = out.logits[:, start - 1 : start - 1 + width].float()
+    logits = torch.cat([restrict_first_token(logits[:, 0], batch["first_tokens"])[:, None], logits[:, 1:]], 1)
     logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, start : start + width, None])[..., 0].cpu()
     values = None
     if value_head is not None:
@@ -193,16 +223,17 @@ ScoreFn = Callable[[Sequence[int], Sequence[str]], Sequence[float]]  # (prompt i
 
 
 def collect(policy, value_head, tokenizer, prompts: Sequence[str], order: Callable[[], int], score: ScoreFn,
-            cfg: PPOConfig) -> list[Rollout]:
+            cfg: PPOConfig, first_tokens: Sequence[Sequence[int]] | None = None) -> list[Rollout]:
     """Generate chunk by chunk until `num_rollouts` exist; score them; store old and reference log-probs and
     values."""
     store: list[Rollout] = []
     while len(store) < cfg.num_rollouts:
         idx = [order() for _ in range(cfg.chunk_size)]
-        pairs = generate_responses(policy, tokenizer, [prompts[i] for i in idx], cfg)
+        allowed = [None] * len(idx) if first_tokens is None else [first_tokens[i] for i in idx]
+        pairs = generate_responses(policy, tokenizer, [prompts[i] for i in idx], cfg, allowed)
         texts = [tokenizer.decode(r, skip_special_tokens=False) for _, r in pairs]
         scores = score(idx, texts)
-        chunk = [Rollout(p, r, float(s)) for (p, r), s in zip(pairs, scores)]
+        chunk = [Rollout(p, r, float(s), first_tokens=a) for (p, r), s, a in zip(pairs, scores, allowed)]
         batch = collate(chunk, tokenizer.pad_token_id)
         with torch.no_grad():
             logprobs, values = forward_response(policy, value_head, batch)
@@ -227,9 +258,11 @@ def pad_stack(rows: Sequence[torch.Tensor], width: int) -> torch.Tensor:
 
 def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PPOConfig, out_dir: Path, seed: int,
               resume: bool = False, evaluate: Callable[[int], dict] | None = None,
-              desc: str = "ppo") -> tuple[ValueHead, pd.DataFrame]:
+              desc: str = "ppo", first_tokens: Sequence[Sequence[int]] | None = None) -> tuple[ValueHead, pd.DataFrame]:
     """PPO on `policy` (a peft model whose adapter is the only trainable part). Returns the value head and the
     training curves (one row per optimizer step; `evaluate(step)` adds columns every `eval_every` steps).
+    `first_tokens[i]`, where given, are the only tokens a response to prompt i may start with: the policy is then
+    the model's distribution renormalised over them, for sampling, old, new and reference log-probs alike.
     A finished run in `out_dir` is loaded instead of retrained; an unfinished one continues with `resume`."""
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -259,7 +292,7 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PP
     bar = tqdm(total=cfg.total_steps, initial=step, desc=desc)
     while step < cfg.total_steps:
         policy.eval()
-        store = collect(policy, value_head, tokenizer, prompts, order, score, cfg)
+        store = collect(policy, value_head, tokenizer, prompts, order, score, cfg, first_tokens)
         round_stats = {"mean_score": float(np.mean([r.score for r in store])),
                        "kl": float(np.mean([(r.logprobs - r.ref_logprobs).sum().item() for r in store])),
                        "response_tokens": float(np.mean([len(r.response_ids) for r in store]))}
