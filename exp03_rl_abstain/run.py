@@ -77,7 +77,8 @@ PRESETS = {
         triviaqa_ppo=ppo.PPOConfig(total_steps=30_000, num_rollouts=384, chunk_size=30, batch_size=30,
                                    init_kl_coef=0.1, checkpoint_every=5000, eval_every=1000)),
     "synthetic": Exp3Config(
-        mmlu_sft=sft.SYNTHETIC_SFT, triviaqa_sft=sft.SYNTHETIC_SFT,
+        mmlu_sft=sft.SYNTHETIC_SFT,
+        triviaqa_sft=replace(sft.SYNTHETIC_SFT, total_steps=1000, t_max=1000),
         mmlu_ppo=ppo.PPOConfig(lr=3e-3, eta_min=3e-3, cliprange=0.2, total_steps=480, num_rollouts=512,
                                chunk_size=256, batch_size=128, ppo_epochs=4, vf_only_steps=16, init_kl_coef=0.0,
                                max_new_tokens=6, checkpoint_every=160, eval_every=80),
