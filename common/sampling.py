@@ -162,11 +162,12 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuation
     return torch.cat(sums), torch.cat(counts)
 
 
-def first_token_ids(tokenizer, responses: Sequence[str]) -> list[int]:
+def first_token_ids(tokenizer, responses: Sequence[str], distinct: bool = True) -> list[int]:
     """The first token of each response tokenized on its own, as SFT targets are (SPEC.md 0.2): the token a
-    finetuned model emits first, e.g. Llama's "▁A" (id 319) after ", Answer: "."""
+    finetuned model emits first, e.g. Llama's "▁A" (id 319) after ", Answer: ". Choice scoring needs them
+    `distinct`; a set of allowed first tokens does not."""
     ids = [tokenizer(r, add_special_tokens=False).input_ids[0] for r in responses]
-    if len(set(ids)) != len(ids):
+    if distinct and len(set(ids)) != len(ids):
         raise ValueError(f"responses {list(responses)} do not start with distinct tokens")
     return ids
 

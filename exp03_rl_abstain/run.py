@@ -193,10 +193,11 @@ def run_mmlu(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
 
     first_tokens = None
     if cfg.restrict_to_options:
-        first_tokens = [sampling.first_token_ids(base.tokenizer, [*options[i], tasks.ABSTAIN_LETTER]) for i in rl]
+        first_tokens = [sampling.first_token_ids(base.tokenizer, [*options[i], tasks.ABSTAIN_LETTER],
+                                                  distinct=False) for i in rl]
     name = f"mmlu_rl{REWARD_NUMBER[reward_name]}"
-    train_policy(policy, init_key, base.tokenizer, [prompts[i] for i in rl], score, cfg.mmlu_ppo, name, run, run_args.seed,
-                 run_args.resume, curve_point, first_tokens)
+    train_policy(policy, init_key, base.tokenizer, [prompts[i] for i in rl], score, cfg.mmlu_ppo, name, run,
+                 run_args.seed, run_args.resume, curve_point, first_tokens)
     with run.stage(f"evaluate_{name}"):
         tables = evaluation.mmlu_panel_tables(answer_distribution(eval_questions, nll_eval),
                                               Bins(cfg.nll_bins, closed="open"))
@@ -243,8 +244,8 @@ def run_triviaqa(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
         return {"abstain_rate": frame.idk.mean(), "correct_rate": frame.correct.mean()}
 
     name = f"triviaqa_rl{REWARD_NUMBER[reward_name]}"
-    train_policy(policy, init_key, base.tokenizer, [prompts[i] for i in rl], score, cfg.triviaqa_ppo, name, run, run_args.seed,
-                 run_args.resume, curve_point)
+    train_policy(policy, init_key, base.tokenizer, [prompts[i] for i in rl], score, cfg.triviaqa_ppo, name, run,
+                 run_args.seed, run_args.resume, curve_point)
     with run.stage(f"evaluate_{name}"):
         frame = outcomes(eval_questions, incorrect_eval)
     run.write_csv(f"{name}_generations.csv", frame)
