@@ -143,6 +143,9 @@ def restrict_first_token(logits: torch.Tensor, first_tokens: Sequence[Sequence[i
 
 
 class FirstTokenRestriction(LogitsProcessor):
+    """`restrict_first_token` during `generate`, at the first new position only (input_ids then end at the
+    left-padded prompt)."""
+
     def __init__(self, first_tokens: Sequence[Sequence[int] | None], prompt_width: int):
         self.first_tokens, self.prompt_width = first_tokens, prompt_width
 
