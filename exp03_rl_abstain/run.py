@@ -106,9 +106,10 @@ PRESETS = {
 
 
 def rl_policy(base: models.Base, lora: models.LoraSettings, sft_cfg: sft.SFTConfig, prompts: list[str],
-              targets: list[str], name: str, run, seed: int, resume: bool):
-    """The SFT starting point, merged into the base weights, with a fresh LoRA adapter for PPO (SPEC.md 0.1);
-    and a key naming that starting point."""
+              targets: list[str], init: list[int], name: str, run, seed: int, resume: bool):
+    """The SFT starting point (trained on the questions `init` indexes), merged into the base weights, with a
+    fresh LoRA adapter for PPO (SPEC.md 0.1); and a key naming that starting point."""
+    prompts, targets = [prompts[i] for i in init], [targets[i] for i in init]
     model = sft.finetune_lora(base, lora, sft_cfg, prompts, targets, name, run, seed=seed, resume=resume)
     init_key = sft.adapter_dir(base, lora, sft_cfg, prompts, targets, seed).name
     return models.add_lora(models.merge_lora(model), lora), init_key
@@ -127,8 +128,7 @@ def train_policy(policy, init_key: str, tokenizer, prompts: list[str], score, cf
                  seed: int, resume: bool, evaluate, first_tokens: list[list[int]] | None = None) -> None:
     """PPO (cached by the starting point, the settings, the prompts, the first-token restriction and the reward),
     with training curves."""
-    key_parts = (init_key, name, cfg, seed, prompts) + (() if first_tokens is None else (first_tokens,))
-    out_dir = cache.cache_dir("ppo", *key_parts)
+    out_dir = cache.cache_dir("ppo", init_key, name, cfg, seed, prompts, first_tokens)
     run.cache_hits[f"ppo_{name}"] = sft.is_finished(out_dir, cfg)
     with run.stage(f"ppo_{name}"):
         _, curves = ppo.train_ppo(policy, tokenizer, prompts, score, cfg, out_dir, seed, resume=resume,
@@ -174,8 +174,8 @@ def run_mmlu(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
     targets = [tasks.ABSTAIN_LETTER if a else tasks.mmlu_sft_answer(c, int(p), cfg.answer)
                for a, c, p in zip(abstain, options, positions)]
     init, rl = init_and_rl_questions(len(pool), cfg.sft_init_fraction, rng)
-    policy, init_key = rl_policy(base, cfg.lora, cfg.mmlu_sft, [prompts[i] for i in init],
-                                 [targets[i] for i in init], "mmlu_sft_init", run, run_args.seed, run_args.resume)
+    policy, init_key = rl_policy(base, cfg.lora, cfg.mmlu_sft, prompts, targets, init, "mmlu_sft_init", run,
+                                 run_args.seed, run_args.resume)
 
     def score(idx, texts):
         return [reward(tasks.grade_mc_answer(t, options[rl[i]], int(positions[rl[i]]), cfg.answer,
@@ -226,9 +226,8 @@ def run_triviaqa(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
     prompts = [tasks.triviaqa_sft_prompt(q.question) for q in pool]
     targets = [tasks.triviaqa_target(None if i else q.value) for q, i in zip(pool, idk)]
     init, rl = init_and_rl_questions(len(pool), cfg.sft_init_fraction, rng)
-    policy, init_key = rl_policy(base, cfg.lora, cfg.triviaqa_sft, [prompts[i] for i in init],
-                                 [targets[i] for i in init], "triviaqa_sft_init", run, run_args.seed,
-                                 run_args.resume)
+    policy, init_key = rl_policy(base, cfg.lora, cfg.triviaqa_sft, prompts, targets, init, "triviaqa_sft_init",
+                                 run, run_args.seed, run_args.resume)
 
     def score(idx, texts):
         return [reward(tasks.grade_short_answer(t, pool[rl[i]]), reward_name, "triviaqa")

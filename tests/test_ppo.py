@@ -97,7 +97,7 @@ def test_restricted_first_token_is_renormalised_over_its_allowed_set():
 def test_sampling_and_log_probs_share_the_first_token_restriction(tiny_tokenizer):
     torch.manual_seed(0)
     model = tiny_llama(tiny_tokenizer, hidden=16)
-    allowed = tiny_tokenizer(" Paris Rome", add_special_tokens=False).input_ids
+    allowed = tiny_tokenizer("Paris Rome", add_special_tokens=False).input_ids
     prompts = ["Q: Where was Velorin born?\nA:"] * 16
     cfg = ppo.PPOConfig(max_new_tokens=2)
     pairs = ppo.generate_responses(model, tiny_tokenizer, prompts, cfg, [allowed] * 16)

@@ -94,3 +94,11 @@ def test_continuation_logprobs_sum_over_continuation_tokens(tiny_tokenizer):
 def test_next_token_ids_rejects_multi_token_continuations(tiny_tokenizer):
     with pytest.raises(ValueError):
         sampling.next_token_ids(tiny_tokenizer, "A:", [" Paris Rome"])
+
+
+def test_first_token_ids_must_be_distinct_only_for_choice_scoring(tiny_tokenizer):
+    paris, rome = tiny_tokenizer("Paris Rome", add_special_tokens=False).input_ids
+    assert sampling.first_token_ids(tiny_tokenizer, ["Paris", "Rome is"]) == [paris, rome]
+    with pytest.raises(ValueError, match="distinct"):
+        sampling.first_token_ids(tiny_tokenizer, ["Paris", "Paris again"])
+    assert sampling.first_token_ids(tiny_tokenizer, ["Paris", "Paris again"], distinct=False) == [paris, paris]

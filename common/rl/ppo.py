@@ -134,6 +134,8 @@ class Rollout:
 def restrict_first_token(logits: torch.Tensor, first_tokens: Sequence[Sequence[int] | None]) -> torch.Tensor:
     """`logits` [batch, vocab] of each response's first token with every token outside its allowed set at -inf,
     so sampling and log-probs describe the same restricted policy."""
+    if all(tokens is None for tokens in first_tokens):
+        return logits
     allowed = torch.ones_like(logits, dtype=torch.bool)
     for i, tokens in enumerate(first_tokens):
         if tokens is not None:
