@@ -56,20 +56,26 @@ def save_figure(fig, path: Path) -> None:
 
 
 def plot_familiarity(table, path: Path, title: str) -> None:
-    """The synthetic world's knowledge gradient: QA and MC accuracy of the base model by exposure bin."""
-    with paper_style():
-        fig, ax = plt.subplots(figsize=(7, 4))
+    """The synthetic world by exposure bin: the base model's accuracies (bars) and how well a direct and a
+    recall-then-judge verifier separate right from wrong answers (lines). `table` is `familiarity.csv`."""
+    bars = (("qa_accuracy", "Q/A greedy", "tab:blue"), ("qa_t1_accuracy", "Q/A T=1", "tab:cyan"),
+            ("mc_accuracy", "Multiple choice (cloze)", "tab:orange"), ("letter_accuracy", "5-shot letter", "tab:gray"))
+    with paper_style(font_size=12):
+        fig, ax = plt.subplots(figsize=(9, 4.2))
         x = np.arange(len(table))
-        ax.bar(x - 0.2, table["qa_accuracy"], width=0.4, color="tab:blue", edgecolor="black", label="Q/A (greedy)")
-        ax.bar(x + 0.2, table["mc_accuracy"], width=0.4, color="tab:orange", edgecolor="black",
-               label="Multiple choice")
-        ax.axhline(0.25, color="gray", linestyle="--", linewidth=1)
+        width = 0.8 / len(bars)
+        for i, (column, label, color) in enumerate(bars):
+            ax.bar(x + (i - (len(bars) - 1) / 2) * width, table[column], width=width, color=color,
+                   edgecolor="black", linewidth=0.5, label=label)
+        ax.plot(x, table["rm_probe_separation"], "-o", color="darkgreen", label="Recall-then-judge RM: separation")
+        ax.plot(x, table["verify_separation"], "--o", color="darkred", label="Direct verification: separation")
+        ax.axhline(0.25, color="gray", linestyle=":", linewidth=1)
         ax.set_xticks(x, table["exposure_bin"])
         ax.set_xlabel("Pretraining documents about the entity")
-        ax.set_ylabel("Base-model accuracy")
-        ax.set_ylim(0, 1)
+        ax.set_ylabel("Base model")
+        ax.set_ylim(-0.1, 1.05)
         ax.set_title(title, fontweight="bold")
-        ax.legend(frameon=False, loc="upper left")
+        ax.legend(frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
         save_figure(fig, path)
 
 

@@ -1,8 +1,19 @@
 """Reward models as the authors built them (SPEC.md section 5): the base model plus a LoRA adapter, trained with the
-SFT objective to write "True" (reward 1) or "False" (reward 0) after a (query, response) prompt. The predicted
-reward is P(reward 1): the softmax over the two answer tokens' logits at the prompt's last position, read in one
-forward pass per batch. Prompts come from `common.tasks` (`mmlu_rm_prompt`, `triviaqa_rm_prompt`, ...), so the
-same module serves every task, the long-form reward models included.
+SFT objective to write "True" (reward 1) or "False" (reward 0) after a (query, response) prompt. Prompts come from
+`common.tasks` (`mmlu_rm_prompt`, `triviaqa_rm_prompt`, ...), so the same module serves every task, the long-form
+per-fact classifiers included.
+
+Two formats:
+- `direct` (the paper's, the paper-scale default): the target is the verdict alone; P(reward 1) is the softmax over
+  the logits of "True" and "False" at the prompt's last position, one forward pass per batch.
+- `recall` (recall-then-judge; the synthetic scale's deviation, README "The synthetic world"): the target first
+  writes the answer the model recalls for the query, then the verdict ("Paris? True" / "Paris? False");
+  P(reward 1) is read at the verdict after the model's own greedy recall. A model of a few million parameters
+  does not compare a stated answer with what it knows in one step (a direct reward model separates right from
+  wrong answers by 0.01), but it does once the knowledge is written into its context (0.61 on the first world;
+  the build measures it, `common.familiarity`). An unfamiliar query still falls back on the unfamiliar examples'
+  labels: through the recall (copying the candidate when those examples were all "True", guessing when all
+  "False") and through the verdict.
 """
 from __future__ import annotations
 
@@ -12,24 +23,48 @@ import numpy as np
 
 from common import sampling, sft, tasks
 
+FORMATS = ("direct", "recall")
+RECALL_END = "?"  # closes the recalled answer ("Paris? True"): the world's membership documents end so
+MAX_RECALL_TOKENS = 8
 
-def targets(rewards: Sequence[int]) -> list[str]:
-    """The SFT targets for binary rewards."""
+
+def targets(rewards: Sequence[int], recalled: Sequence[str] | None = None) -> list[str]:
+    """The SFT targets for binary rewards: the verdict, or with `recalled` answers "<recalled>. <verdict>"."""
     if any(r not in tasks.REWARD_WORDS for r in rewards):
         raise ValueError(f"reward-model labels must be 0 or 1, got {sorted(set(rewards))}")
-    return [tasks.REWARD_WORDS[int(r)] for r in rewards]
+    verdicts = [tasks.REWARD_WORDS[int(r)] for r in rewards]
+    if recalled is None:
+        return verdicts
+    if len(recalled) != len(verdicts):
+        raise ValueError(f"need one recalled answer per reward, got {len(recalled)} for {len(verdicts)}")
+    return [f"{a}{RECALL_END} {v}" for a, v in zip(recalled, verdicts)]
 
 
 def train(base, lora, cfg: sft.SFTConfig, prompts: Sequence[str], rewards: Sequence[int], name: str, run, seed: int,
-          resume: bool = False):
-    """A fresh LoRA adapter on `base.model`, SFT'd to answer each prompt with its reward word (cached like every
-    SFT adapter). Returns the adapted model; `.unload()` gives the base back."""
-    return sft.finetune_lora(base, lora, cfg, prompts, targets(rewards), name, run, seed=seed, resume=resume)
+          resume: bool = False, recalled: Sequence[str] | None = None):
+    """A fresh LoRA adapter on `base.model`, SFT'd on `targets(rewards, recalled)` (cached like every SFT
+    adapter). Returns the adapted model; `.unload()` gives the base back."""
+    return sft.finetune_lora(base, lora, cfg, prompts, targets(rewards, recalled), name, run, seed=seed,
+                             resume=resume)
 
 
-def predict(model, tokenizer, prompts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-    """P(reward 1) for each prompt: softmax over the logits of the first token of "True" and of "False", as the
-    SFT targets are tokenized (Llama's "▁True"/"▁False")."""
-    ids = sampling.first_token_ids(tokenizer, [tasks.REWARD_WORDS[1], tasks.REWARD_WORDS[0]])
-    return sampling.choice_probs(model, tokenizer, prompts, ids, batch_size=batch_size,
+def predict(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, reward_format: str = "direct"
+            ) -> np.ndarray:
+    """P(reward 1) for each prompt: the softmax over the first tokens of "True" and "False" as the targets
+    tokenize them (Llama's "▁True"/"▁False"), at the prompt's end (`direct`) or after the greedy recall
+    (`recall`; a recall not closed by RECALL_END within MAX_RECALL_TOKENS gets it appended)."""
+    if reward_format not in FORMATS:
+        raise ValueError(f"unknown reward-model format {reward_format!r}; expected one of {FORMATS}")
+    verdict_ids = sampling.first_token_ids(tokenizer, [tasks.REWARD_WORDS[1], tasks.REWARD_WORDS[0]])
+    scored: Sequence[str] | list[list[int]] = prompts
+    if reward_format == "recall":
+        end = tokenizer(f"a{RECALL_END}", add_special_tokens=False).input_ids[-1]  # as a target writes it
+        greedy = sampling.SamplingConfig(max_new_tokens=MAX_RECALL_TOKENS, temperature=0, batch_size=batch_size)
+        recalled = sampling.generate_ids(model, tokenizer, prompts, greedy, desc="reward model: recall")
+        scored = []
+        for prompt, (ids,) in zip(prompts, recalled):
+            ids = [t for t in ids if t != tokenizer.eos_token_id]
+            ids = ids[: ids.index(end) + 1] if end in ids else ids + [end]
+            scored.append(tokenizer(prompt, add_special_tokens=False).input_ids + ids)
+    return sampling.choice_probs(model, tokenizer, scored, verdict_ids, batch_size=batch_size,
                                  desc="reward model").numpy()[:, 0]

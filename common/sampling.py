@@ -27,8 +27,17 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _encode(tokenizer, texts: Sequence[str], device) -> dict[str, torch.Tensor]:
-    # No BOS (SPEC.md 0.1): prompts are tokenized without special tokens, left padded.
+def _encode(tokenizer, texts: Sequence[str] | Sequence[Sequence[int]], device) -> dict[str, torch.Tensor]:
+    """Left-padded input ids and attention mask for texts or for already tokenized prompts. No BOS (SPEC.md 0.1):
+    texts are tokenized without special tokens."""
+    if texts and not isinstance(texts[0], str):
+        width = max(len(t) for t in texts)
+        ids = torch.full((len(texts), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(texts), width), dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids[i, width - len(t) :] = torch.tensor(list(t), dtype=torch.long)
+            attention[i, width - len(t) :] = 1
+        return {"input_ids": ids.to(device), "attention_mask": attention.to(device)}
     tokenizer.padding_side = "left"
     enc = tokenizer(list(texts), add_special_tokens=False, padding=True, return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
@@ -45,15 +54,15 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, desc: str = "generate",
-             generator_seed: int | None = None) -> list[list[str]]:
-    """Return, for each prompt, `cfg.num_samples` decoded continuations (special tokens kept, stops cut)."""
-    if generator_seed is not None:
-        torch.manual_seed(generator_seed)
+def generate_ids(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, desc: str = "generate",
+                 generator_seed: int | None = None) -> list[list[list[int]]]:
+    """For each prompt, `cfg.num_samples` continuations as token ids, each ending at its EOS (kept) or where
+    generation stopped (a stop string, `max_new_tokens`). Sampling with `generator_seed` draws from its own
+    random stream and leaves the caller's global torch RNG as it found it."""
     device = _device(model)
     was_training = model.training
     model.eval()
-    out: list[list[str]] = []
+    out: list[list[list[int]]] = []
     greedy = cfg.temperature == 0
     gen_kwargs = dict(
         max_new_tokens=cfg.max_new_tokens,
@@ -65,18 +74,27 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, desc
     )
     if not greedy:
         gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
-    for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False,
-                      disable=len(prompts) <= cfg.batch_size):
-        batch = prompts[start : start + cfg.batch_size]
-        enc = _encode(tokenizer, batch, device)
-        stopping = [StopOnStrings(tokenizer, cfg.stop, enc["input_ids"].shape[1])] if cfg.stop else None
-        seqs = model.generate(**enc, **gen_kwargs, stopping_criteria=stopping)
-        new_tokens = seqs[:, enc["input_ids"].shape[1] :]
-        texts = tokenizer.batch_decode(_strip_padding(new_tokens, tokenizer), skip_special_tokens=False)
-        texts = [truncate_at_stop(t, cfg.stop) for t in texts]
-        out.extend(texts[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(batch)))
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], enabled=generator_seed is not None):
+        if generator_seed is not None:
+            torch.manual_seed(generator_seed)
+        for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False,
+                          disable=len(prompts) <= cfg.batch_size):
+            batch = prompts[start : start + cfg.batch_size]
+            enc = _encode(tokenizer, batch, device)
+            stopping = [StopOnStrings(tokenizer, cfg.stop, enc["input_ids"].shape[1])] if cfg.stop else None
+            seqs = model.generate(**enc, **gen_kwargs, stopping_criteria=stopping)
+            rows = _strip_padding(seqs[:, enc["input_ids"].shape[1] :], tokenizer)
+            out.extend(rows[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(batch)))
     model.train(was_training)
     return out
+
+
+def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, desc: str = "generate",
+             generator_seed: int | None = None) -> list[list[str]]:
+    """Return, for each prompt, `cfg.num_samples` decoded continuations (special tokens kept, stops cut)."""
+    ids = generate_ids(model, tokenizer, prompts, cfg, desc, generator_seed)
+    return [[truncate_at_stop(tokenizer.decode(row, skip_special_tokens=False), cfg.stop) for row in rows]
+            for rows in ids]
 
 
 class StopOnStrings(StoppingCriteria):
@@ -111,9 +129,10 @@ def _strip_padding(new_tokens: torch.Tensor, tokenizer) -> list[list[int]]:
 
 
 @torch.no_grad()
-def choice_probs(model, tokenizer, prompts: Sequence[str], choice_token_ids: Sequence[int],
+def choice_probs(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], choice_token_ids: Sequence[int],
                  batch_size: int = 32, desc: str = "score choices") -> torch.Tensor:
-    """Softmax over `choice_token_ids` of the next-token logits at each prompt's last position.
+    """Softmax over `choice_token_ids` of the next-token logits at each prompt's last position (prompts as texts
+    or as token ids).
 
     One forward pass per batch; with left padding the last position is the same column for every row.
     Returns a float tensor [len(prompts), len(choice_token_ids)] on the CPU.

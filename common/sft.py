@@ -2,14 +2,11 @@
 piecewise without BOS, " </s>" appended to the response, cross-entropy on response tokens only, AdamW
 (0.9, 0.95, eps 1e-8, wd 1e-6) with CosineAnnealingLR stepped once per optimizer step.
 
-Checkpoints are atomic folders `checkpoint-<step>`; `resume=True` continues from the newest one; a non-finite
-loss stops the run naming the step and the last good checkpoint.
+Checkpoints, resume and the NaN guard are `common.training`'s: `resume=True` continues from the newest checkpoint.
 """
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,7 +16,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from common import cache, models
+from common import cache, models, training
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -83,55 +80,6 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              shift_labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
-def make_optimizer(params, cfg):
-    """AdamW with a per-step CosineAnnealingLR (SPEC.md 0.3), from any config with lr, betas, eps, weight_decay,
-    t_max and eta_min (SFTConfig, PPOConfig)."""
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.t_max, eta_min=cfg.eta_min)
-    return optimizer, scheduler
-
-
-def _step_of(ckpt: Path) -> int:
-    return int(ckpt.name.split("-")[1])
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    done = sorted(p for p in Path(out_dir).glob("checkpoint-*") if (p / "trainer_state.pt").exists())
-    return done[-1] if done else None
-
-
-def save_checkpoint(model, optimizer, scheduler, step: int, history: list[dict], out_dir: Path,
-                    modules: dict[str, torch.nn.Module] | None = None) -> Path:
-    """Write into a temp folder, then rename: a crash mid-save never leaves a checkpoint that looks complete.
-    `modules` are extra trained parts saved beside the adapter (PPO's value head)."""
-    final = Path(out_dir) / f"checkpoint-{step:06d}"
-    tmp = Path(out_dir) / f".tmp-checkpoint-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "adapter")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "history": history, "torch_rng": torch.get_rng_state(),
-                "modules": {k: m.state_dict() for k, m in (modules or {}).items()}}, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
-
-
-def load_checkpoint(model, optimizer, scheduler, ckpt: Path,
-                    modules: dict[str, torch.nn.Module] | None = None) -> tuple[int, list[dict]]:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    for k, m in (modules or {}).items():
-        m.load_state_dict(state["modules"][k])
-    return state["step"], state["history"]
-
-
 def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], cfg: SFTConfig, out_dir: Path,
               seed: int, resume: bool = False, desc: str = "sft",
               on_checkpoint: Callable[[int, Path], None] | None = None) -> pd.DataFrame:
@@ -148,12 +96,12 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
     out_dir = Path(out_dir)
     order = np.random.default_rng([seed, 21]).permutation(len(prompts))
     encoded = [encode_pair(tokenizer, prompts[i], responses[i], cfg.max_length) for i in order]
-    optimizer, scheduler = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    optimizer, scheduler = training.make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     step, history = 0, []
-    last_good = latest_checkpoint(out_dir)
-    if last_good is not None and (resume or is_finished(out_dir, cfg)):
+    last_good = training.latest_checkpoint(out_dir)
+    if last_good is not None and (resume or training.is_finished(out_dir, cfg)):
         # A finished run in this folder is a cache hit; an unfinished one continues only when asked to.
-        step, history = load_checkpoint(model, optimizer, scheduler, last_good)
+        step, history, _ = training.load_checkpoint(model, optimizer, scheduler, last_good)
         log.info("%s: %s %s (step %d)", desc, "loaded" if step >= cfg.total_steps else "resumed from",
                  last_good, step)
     else:
@@ -166,11 +114,9 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
         start = (step * cfg.batch_size) % len(encoded)
         batch_examples = [encoded[(start + j) % len(encoded)] for j in range(cfg.batch_size)]
         batch = {k: v.to(device) for k, v in collate(batch_examples, tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         loss = response_loss(logits, batch["labels"])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step + 1}; "
-                                     f"last good checkpoint: {last_good or 'none'}")
+        training.check_finite(loss, desc, step + 1, last_good)
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -181,17 +127,12 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
         if step % cfg.log_every == 0:
             bar.set_postfix(loss=f"{np.mean([h['loss'] for h in history[-cfg.log_every:]]):.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-            last_good = save_checkpoint(model, optimizer, scheduler, step, history, out_dir)
+            last_good = training.save_checkpoint(model, optimizer, scheduler, step, history, out_dir)
             if on_checkpoint is not None:
                 on_checkpoint(step, last_good)
     bar.close()
     model.eval()
     return pd.DataFrame(history)
-
-
-def is_finished(out_dir: Path, cfg: SFTConfig) -> bool:
-    ckpt = latest_checkpoint(out_dir)
-    return ckpt is not None and _step_of(ckpt) >= cfg.total_steps
 
 
 def adapter_dir(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses: Sequence[str], seed: int) -> Path:
@@ -206,7 +147,7 @@ def finetune_lora(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses:
     on it to get the untouched base back for the next variant."""
     model = models.add_lora(base.model, lora)
     out_dir = adapter_dir(base, lora, cfg, prompts, responses, seed)
-    run.cache_hits[f"sft_{name}"] = is_finished(out_dir, cfg)
+    run.cache_hits[f"sft_{name}"] = training.is_finished(out_dir, cfg)
     with run.stage(f"sft_{name}"):
         history = train_sft(model, base.tokenizer, prompts, responses, cfg, out_dir, seed=seed, resume=resume,
                             desc=f"SFT {name}")

@@ -130,10 +130,14 @@ def mmlu_fewshot_prompt(question: MCQuestion, exemplars: Sequence[MCQuestion]) -
     return mmlu_header(question.subject) + shots + mc_block(question)
 
 
+def mc_options(choices: Sequence[str]) -> str:
+    """The options as Exp.1 lists them on one line: "A) x B) y C) z D) w " (each followed by a space)."""
+    return "".join(f"{letter}) {text} " for letter, text in zip(LETTERS, choices))
+
+
 def mmlu_sft_prompt(question: str, choices: Sequence[str]) -> str:
     """The SFT/RM/eval prompt of Exp.1 (SPEC.md section 2): note the space before the comma."""
-    options = "".join(f"{letter}) {text} " for letter, text in zip(LETTERS, choices))
-    return f"{question} {options}, Answer: "
+    return f"{question} {mc_options(choices)}, Answer: "
 
 
 def mmlu_sft_answer(choices: Sequence[str], position: int, answer: str = "letter") -> str:

@@ -1,32 +1,31 @@
 """The synthetic knowledge world (DESIGN.md): a knowledge base, a pretraining corpus in which each entity appears a
-log-uniform number of times, a word-level tokenizer and a small Llama pretrained from scratch on that corpus.
+log-uniform number of times plus documents that grow in-context skills, a word-level tokenizer and a small Llama
+pretrained from scratch on that corpus.
 
-What the model knows is whatever pretraining left it with; familiarity is always *measured* on the model (QA and
-multiple-choice accuracy here, unfamiliarity scores in `common.unfamiliarity`), never read from exposure counts.
+What the model knows and can do is whatever pretraining left it with; it is always *measured* on the model
+(`common.familiarity`, unfamiliarity scores in `common.unfamiliarity`), never read from exposure counts.
 
-    python -m common.world --scale synthetic --seed 0
+    python -m common.world --scale synthetic --seed 0    # build (or load) the world and measure it
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import math
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from common import cache, plotting, results, sampling, scales, tasks, unfamiliarity
+from common import cache, results, scales, tasks
 
 log = logging.getLogger(__name__)
-WORLD_VERSION = 1  # bump when generation or training changes what a cached world would contain
+WORLD_VERSION = 2  # bump when generation or training changes what a cached world would contain
 
 # ---------------------------------------------------------------------------------------------------------------
 # Knowledge base: closed value sets keep every fact one word long; 24-30 values per attribute keep the base
@@ -92,6 +91,9 @@ FILLER = (
     "I see the hills.", "Is it late?", "The box is boxed and Unknown to us.", "Letters A, B, C, D and E come first.",
     "Write { and } and \\ in code.", "It is true.", "It is false.", "True or False?", "Yes, it is.", "No, it is not.",
     "I think so.", "We don't see it.", "The letter E is round.", "The word is short.", "Unknown people came.",
+    # words of the later experiments' prompts: the long-form tasks (exp05) and SimpleFact's prefixes (exp06)
+    "Her biography is long.", "Write to me.", "The premise of the story is odd.", "One fact is enough.",
+    "Each plot point is correct.", "The following candidates came.", "Be cautious.", "Be balanced.", "Be bold.",
 )
 
 
@@ -104,12 +106,30 @@ class Entity:
 
 
 @dataclass(frozen=True)
+class SkillConfig:
+    """In-context skill documents, written afresh for every epoch. None states a fact of the world: they exist so
+    that the model learns to read its context (DESIGN.md "In-context skills"), which documents that each state one
+    or two facts never require."""
+
+    induction: int = 8000  # "List: Oslo comedy 1957. Again: Oslo comedy 1957." (repeated spans)
+    equality: int = 6000  # "Oslo and Lima? Different." (compare two words in context)
+    membership: int = 12000  # "Oslo 1957 comedy Lima. Lima? Yes." (find a word anywhere in the context)
+    answer_keys: int = 16000  # options "A) Oslo B) Lima ...", then entries "Lima B." / "Lima is B." / "B is Lima."
+    key_entries: int = 3  # entries per answer key, each about a different option
+    lead_epochs: int = 0  # epochs of skill documents alone before the knowledge documents join
+
+
+@dataclass(frozen=True)
 class WorldConfig:
     n_people: int = 500
     n_works: int = 250
     max_exposure: int = 127  # exposures are log-uniform integers in [0, max_exposure]
     doc_mix: tuple = (("statement", 0.4), ("qa", 0.2), ("mc", 0.1), ("profile", 0.3))
-    n_comprehension_docs: int = 600  # in-context multiple-choice reading items: teach letter answering
+    # The held-out share of facts: never written as a multiple-choice item, so every skill measured on them has
+    # generalised; they are also the experiments' evaluation pool (`World.split_facts`).
+    heldout_frac: float = 0.3
+    max_passages: int = 6  # statements or Q/A pairs per document
+    skills: SkillConfig = field(default_factory=SkillConfig)
     filler_repeats: int = 40
     trailing_space_frac: float = 0.3
 
@@ -125,11 +145,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    epochs: int = 6
+    epochs: int = 9
     batch_size: int = 16
     lr: float = 4e-3
     warmup_frac: float = 0.05
     weight_decay: float = 0.1
+    bf16: bool = True  # autocast; measured 1.2x faster than fp32 on this CPU (AVX-512 BF16), see README
 
 
 @dataclass(frozen=True)
@@ -143,7 +164,8 @@ PRESETS = {
     "synthetic": WorldPreset(),
     # Seconds, for tests: the same code path on a tiny world; no claim is expected to hold.
     "micro": WorldPreset(
-        world=WorldConfig(n_people=40, n_works=20, max_exposure=15, n_comprehension_docs=50, filler_repeats=2),
+        world=WorldConfig(n_people=40, n_works=20, max_exposure=15, filler_repeats=2,
+                          skills=SkillConfig(induction=20, equality=40, answer_keys=40)),
         model=ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                           context_length=128),
         pretrain=PretrainConfig(epochs=1, batch_size=8),
@@ -192,6 +214,15 @@ def attributes_of(entity: Entity) -> tuple[Attribute, ...]:
     return PERSON_ATTRIBUTES if entity.kind == "person" else WORK_ATTRIBUTES
 
 
+def all_facts(entities: list[Entity]) -> list[tuple[Entity, Attribute]]:
+    return [(e, a) for e in entities for a in attributes_of(e)]
+
+
+def heldout_mask(n_facts: int, frac: float, seed: int) -> np.ndarray:
+    """Which facts (in `all_facts` order) are held out: seeded, independent of exposure."""
+    return np.random.default_rng([seed, 6]).random(n_facts) < frac
+
+
 def profile_sentence(entity: Entity) -> str:
     """A biography sentence (people) or a plot sentence (works) stating every fact."""
     f = entity.facts
@@ -216,11 +247,13 @@ def mc_item(entity: Entity, attribute: Attribute, rng: np.random.Generator) -> t
                             choices=tuple(options), answer=answer)
 
 
-def entity_document(entity: Entity, kind: str, rng: np.random.Generator) -> str:
-    attrs = attributes_of(entity)
+def entity_document(entity: Entity, kind: str, rng: np.random.Generator,
+                    attrs: tuple[Attribute, ...] | None = None) -> str:
+    """One pretraining document about `entity` stating facts of `attrs` (default: all its attributes)."""
+    attrs = attributes_of(entity) if attrs is None else attrs
     if kind == "profile":
         return profile_sentence(entity)
-    chosen = [attrs[i] for i in rng.choice(len(attrs), size=int(rng.integers(1, 3)), replace=False)]
+    chosen = [attrs[i] for i in rng.choice(len(attrs), size=min(len(attrs), int(rng.integers(1, 3))), replace=False)]
     if kind == "statement":
         return " ".join(str(rng.choice(a.statements)).format(e=entity.name, v=entity.facts[a.name]) for a in chosen)
     if kind == "qa":
@@ -230,25 +263,94 @@ def entity_document(entity: Entity, kind: str, rng: np.random.Generator) -> str:
     return tasks.mmlu_header(item.subject) + body if rng.random() < 0.3 else body
 
 
-def comprehension_document(rng: np.random.Generator) -> str:
-    """An in-context multiple-choice item whose answer is in the text: letter answering without knowledge."""
-    attribute = ATTRIBUTES[str(rng.choice(list(ATTRIBUTES)))]
-    who = str(rng.choice(PROTAGONISTS))
-    value = str(rng.choice(attribute.values))
-    fact = str(rng.choice(attribute.statements)).format(e=who, v=value)
-    item = mc_item(Entity(who, "x", {attribute.name: value}, 0), attribute, rng)
-    return f"{fact}\n{tasks.mc_block(item)} {tasks.LETTERS[item.answer]}"
+GROUPED = {"statement": " ", "qa": "\n\n"}  # passages of these kinds share documents, joined by the separator
 
 
-def build_corpus(entities: list[Entity], cfg: WorldConfig, seed: int) -> list[str]:
+def knowledge_documents(entities: list[Entity], cfg: WorldConfig, seed: int) -> list[str]:
+    """`exposure` passages per entity; a multiple-choice item never asks about a held-out fact. Statements and Q/A
+    pairs about different entities are grouped into documents of 1 to `max_passages` passages (a quiz page, a
+    paragraph), as web text mixes entities: with attention kept inside each document, a model that never read
+    unrelated facts side by side copies from them when a few-shot prompt puts them there (measured: README)."""
     rng = np.random.default_rng([seed, 2])
     kinds, weights = zip(*cfg.doc_mix)
-    docs = []
+    p = np.array(weights) / sum(weights)
+    heldout = heldout_mask(len(all_facts(entities)), cfg.heldout_frac, seed)
+    docs, passages, i = [], {kind: [] for kind in GROUPED}, 0
     for entity in entities:
-        for kind in rng.choice(kinds, size=entity.exposure, p=np.array(weights) / sum(weights)):
-            docs.append(entity_document(entity, str(kind), rng))
-    docs += [comprehension_document(rng) for _ in range(cfg.n_comprehension_docs)]
-    docs += list(FILLER) * cfg.filler_repeats
+        attrs = attributes_of(entity)
+        askable = tuple(a for j, a in enumerate(attrs) if not heldout[i + j])
+        i += len(attrs)
+        for kind in rng.choice(kinds, size=entity.exposure, p=p):
+            if kind == "mc" and not askable:
+                kind = "statement"
+            text = entity_document(entity, str(kind), rng, askable if kind == "mc" else None)
+            (passages[kind] if kind in GROUPED else docs).append(text)
+    for kind, separator in GROUPED.items():
+        items = [passages[kind][j] for j in rng.permutation(len(passages[kind]))]
+        while items:
+            n = int(rng.integers(1, cfg.max_passages + 1))
+            docs.append(separator.join(items[:n]))
+            items = items[n:]
+    return docs
+
+
+# In-context skill documents draw their words from the attribute values: every such word is a trained token, and
+# no entity name appears, so the names of entities with no exposure stay unseen.
+SKILL_WORDS = tuple(sorted({v for a in PERSON_ATTRIBUTES + WORK_ATTRIBUTES for v in a.values}))
+
+
+def induction_document(rng: np.random.Generator) -> str:
+    words = [str(w) for w in rng.choice(SKILL_WORDS, size=int(rng.integers(5, 10)), replace=False)]
+    return f"List: {' '.join(words)}. Again: {' '.join(words)}."
+
+
+def equality_document(rng: np.random.Generator) -> str:
+    a = str(rng.choice(SKILL_WORDS))
+    b = a if rng.random() < 0.5 else str(rng.choice([w for w in SKILL_WORDS if w != a]))
+    return f"{a} and {b}? {'Same' if a == b else 'Different'}."
+
+
+MEMBERSHIP_ANSWERS = (("Yes", "No"), ("True", "False"))
+
+
+def membership_document(rng: np.random.Generator) -> str:
+    """A few words, then one asked about: is it among them? Answered Yes/No or True/False, so both pairs of words
+    are trained as answers to a comparison (a reward model's verdict is True/False)."""
+    words = [str(w) for w in rng.choice(SKILL_WORDS, size=int(rng.integers(1, 7)), replace=False)]
+    query = str(rng.choice(words)) if rng.random() < 0.5 else str(rng.choice([w for w in SKILL_WORDS
+                                                                                 if w not in words]))
+    yes, no = MEMBERSHIP_ANSWERS[int(rng.integers(len(MEMBERSHIP_ANSWERS)))]
+    return f"{' '.join(words)}. {query}? {yes if query in words else no}."
+
+
+KEY_FORMS = ("{text} {letter}.", "{text} is {letter}.", "{letter} is {text}.")  # entries of an answer key
+
+
+def answer_key_document(rng: np.random.Generator, n_entries: int) -> str:
+    """Four options of one attribute laid out as Exp.1 lists them, then entries that read letters off the options
+    (and options off letters). The entry with nothing between word and letter is the one a small model learns
+    first; with it, the one with a word in between follows (measured: README)."""
+    attribute = ATTRIBUTES[str(rng.choice(list(ATTRIBUTES)))]
+    options = [str(v) for v in rng.choice(attribute.values, size=4, replace=False)]
+    entries = [str(rng.choice(KEY_FORMS)).format(text=options[k], letter=tasks.LETTERS[k])
+               for k in rng.permutation(4)[:n_entries]]
+    return f"{tasks.mc_options(options).rstrip()}\n{' '.join(entries)}"
+
+
+def skill_documents(cfg: SkillConfig, seed: int, epoch: int) -> list[str]:
+    rng = np.random.default_rng([seed, 7, epoch])
+    return ([induction_document(rng) for _ in range(cfg.induction)]
+            + [equality_document(rng) for _ in range(cfg.equality)]
+            + [membership_document(rng) for _ in range(cfg.membership)]
+            + [answer_key_document(rng, cfg.key_entries) for _ in range(cfg.answer_keys)])
+
+
+def epoch_documents(knowledge: list[str], cfg: WorldConfig, seed: int, epoch: int) -> list[str]:
+    """What one pretraining epoch reads: the knowledge documents (from the lead-in epochs on), fresh skill
+    documents and the filler, shuffled."""
+    rng = np.random.default_rng([seed, 8, epoch])
+    docs = (knowledge if epoch >= cfg.skills.lead_epochs else []) + skill_documents(cfg.skills, seed, epoch)
+    docs = docs + list(FILLER) * cfg.filler_repeats
     # Some documents end in a space, as web text does: the lone-space token (Llama's "▁") is then a trained token,
     # as it must be, since the SFT formats put one at the end of prompts (", Answer: ") and before " </s>".
     docs = [d + " " if rng.random() < cfg.trailing_space_frac else d for d in docs]
@@ -285,8 +387,7 @@ def build_tokenizer(texts: list[str]):
     for text in texts:
         for piece, _ in pre.pre_tokenize_str(" " + text):
             word = piece.lstrip(" ")
-            if word:
-                pieces.update((word, " " + word))
+            pieces.update((word, " " + word) if word else (piece,))  # a run of spaces is a piece of its own
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + tuple(sorted(pieces)))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Prepend(" ")
@@ -311,20 +412,26 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int):
     return LlamaForCausalLM(config)
 
 
-def pack_epoch(doc_ids: list[list[int]], eos: int, context: int, rng: np.random.Generator) -> torch.Tensor:
-    """Shuffle documents, join them with EOS and cut the stream into rows of `context` tokens."""
-    order = rng.permutation(len(doc_ids))
-    stream = np.fromiter((t for i in order for t in (*doc_ids[i], eos)), dtype=np.int64)
+def pack_epoch(doc_ids: list[list[int]], eos: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Join the documents (in the given order) with EOS and cut the stream into rows of `context` tokens.
+    Returns the rows and their position ids, which restart at every document, so attention stays inside one
+    document (transformers reads restarting position ids as packed sequences): an in-context skill is then
+    learnt from its own document, never from a neighbour that happens to share a word."""
+    stream = np.fromiter((t for d in doc_ids for t in (*d, eos)), dtype=np.int64)
+    positions = np.fromiter((p for d in doc_ids for p in range(len(d) + 1)), dtype=np.int64)
     n_rows = len(stream) // context
-    return torch.from_numpy(stream[: n_rows * context].reshape(n_rows, context))
+    shape = (n_rows, context)
+    return (torch.from_numpy(stream[: n_rows * context].reshape(shape)),
+            torch.from_numpy(positions[: n_rows * context].reshape(shape)))
 
 
-def pretrain(model, tokenizer, docs: list[str], cfg: PretrainConfig, context: int, seed: int) -> dict:
-    doc_ids = tokenizer(docs, add_special_tokens=False).input_ids
-    rng = np.random.default_rng([seed, 3])
-    rows_per_epoch = sum(len(d) + 1 for d in doc_ids) // context
-    steps_per_epoch = max(1, rows_per_epoch // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+def pretrain(model, tokenizer, epoch_docs, cfg: PretrainConfig, context: int, log_every: int = 50) -> dict:
+    """Next-token prediction over `cfg.epochs` epochs; `epoch_docs(epoch)` gives each epoch's shuffled documents.
+    AdamW (no decay on embeddings and norms), linear warm-up, cosine decay to a tenth of the peak rate."""
+    epochs = [tokenizer(epoch_docs(e), add_special_tokens=False).input_ids for e in range(cfg.epochs)]
+    rows_per_epoch = [sum(len(d) + 1 for d in ids) // context for ids in epochs]
+    steps = [max(1, rows // cfg.batch_size) for rows in rows_per_epoch]
+    total = sum(steps)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -335,13 +442,16 @@ def pretrain(model, tokenizer, docs: list[str], cfg: PretrainConfig, context: in
     model.train()
     losses = []
     bar = tqdm(total=total, desc="pretrain world model")
-    for _ in range(cfg.epochs):
-        rows = pack_epoch(doc_ids, tokenizer.eos_token_id, context, rng)
-        for b in range(steps_per_epoch):
+    for ids, n_steps in zip(epochs, steps):
+        rows, positions = pack_epoch(ids, tokenizer.eos_token_id, context)
+        for b in range(n_steps):
             batch = rows[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            loss = model(input_ids=batch, labels=batch).loss
+            pos = positions[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            labels = batch.masked_fill(pos == 0, -100)  # a document's first token is not predicted from the last
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = model(input_ids=batch, position_ids=pos, labels=labels, use_cache=False).loss
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"pretraining loss is {loss.item()} at step {bar.n}")
+                raise FloatingPointError(f"pretraining loss is {loss.item()} at step {bar.n + 1}")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -349,10 +459,11 @@ def pretrain(model, tokenizer, docs: list[str], cfg: PretrainConfig, context: in
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+            if bar.n % log_every == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.3f}")
     bar.close()
     model.eval()
-    return {"steps": total, "tokens_per_epoch": rows_per_epoch * context,
+    return {"steps": total, "tokens": sum(rows_per_epoch) * context,
             "final_loss": float(np.mean(losses[-50:]))}
 
 
@@ -371,7 +482,12 @@ class World:
     build_info: dict
 
     def facts(self) -> list[tuple[Entity, Attribute]]:
-        return [(e, a) for e in self.entities for a in attributes_of(e)]
+        return all_facts(self.entities)
+
+    def heldout(self) -> np.ndarray:
+        """Per fact (in `facts()` order): held out of the multiple-choice documents and put in the evaluation
+        pool."""
+        return heldout_mask(len(self.facts()), self.preset.world.heldout_frac, self.seed)
 
     def qa_question(self, entity: Entity, attribute: Attribute) -> tasks.QAQuestion:
         return tasks.QAQuestion(question=attribute.question.format(e=entity.name),
@@ -382,32 +498,32 @@ class World:
         rng = np.random.default_rng([self.seed, 4, zlib.crc32(f"{entity.name}/{attribute.name}".encode())])
         return mc_item(entity, attribute, rng)
 
-    def split_facts(self, question_of, eval_frac: float = 0.3) -> dict[str, list]:
-        """Every fact as a question, split at random (seeded, the same split for every task view) into the
-        finetuning and evaluation pools (MMLU's test/validation and TriviaQA's train/validation roles)."""
-        facts = self.facts()
-        is_eval = np.random.default_rng([self.seed, 6]).random(len(facts)) < eval_frac
-        questions = [question_of(e, a) for e, a in facts]
-        return {"finetune": [q for q, ev in zip(questions, is_eval) if not ev],
-                "eval": [q for q, ev in zip(questions, is_eval) if ev]}
+    def split_facts(self, question_of) -> dict[str, list]:
+        """Every fact as a question, in the finetuning pool or, if held out, the evaluation pool (MMLU's
+        test/validation and TriviaQA's train/validation roles)."""
+        questions = [question_of(e, a) for e, a in self.facts()]
+        heldout = self.heldout()
+        return {"finetune": [q for q, h in zip(questions, heldout) if not h],
+                "eval": [q for q, h in zip(questions, heldout) if h]}
 
-    def mmlu_splits(self, eval_frac: float = 0.3, n_fewshot: int = 5) -> dict[str, list[tasks.MCQuestion]]:
+    def mmlu_splits(self, n_fewshot: int = 5) -> dict[str, list[tasks.MCQuestion]]:
         """Multiple-choice questions in the roles of `data.load_mmlu`; few-shot exemplars come from the
         finetuning pool, five per subject."""
-        splits = self.split_facts(self.mc_question, eval_frac)
+        splits = self.split_facts(self.mc_question)
         by_subject = {s: [q for q in splits["finetune"] if q.subject == s][:n_fewshot] for s in ATTRIBUTES}
         splits["fewshot"] = [q for questions in by_subject.values() for q in questions]
         return splits
 
-    def triviaqa_splits(self, eval_frac: float = 0.3) -> dict[str, list[tasks.QAQuestion]]:
+    def triviaqa_splits(self) -> dict[str, list[tasks.QAQuestion]]:
         """Short-answer questions in the roles of `data.load_triviaqa`."""
-        return self.split_facts(self.qa_question, eval_frac)
+        return self.split_facts(self.qa_question)
 
 
-def world_key(preset: WorldPreset, seed: int, docs: list[str]) -> str:
-    """The cache key: the configuration, the seed and the corpus text itself, so any change to how the world is
-    generated rebuilds it. Changes to training code bump WORLD_VERSION."""
-    corpus_digest = hashlib.sha256("\x00".join(docs + FORMAT_TEXTS).encode()).hexdigest()
+def world_key(preset: WorldPreset, seed: int, corpus: list[str]) -> str:
+    """The cache key: the configuration, the seed and the corpus text itself (the knowledge documents and the
+    first epoch), so any change to how the world is generated rebuilds it. Changes to training code bump
+    WORLD_VERSION."""
+    corpus_digest = hashlib.sha256("\x00".join(corpus + FORMAT_TEXTS).encode()).hexdigest()
     return cache.config_hash(WORLD_VERSION, preset, seed, corpus_digest)
 
 
@@ -417,13 +533,14 @@ def load_or_build_world(preset: WorldPreset, seed: int, cache_hits: dict | None 
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     entities = build_knowledge_base(preset.world, seed)
-    docs = build_corpus(entities, preset.world, seed)
-    path = cache.cache_root() / "world" / world_key(preset, seed, docs)
+    knowledge = knowledge_documents(entities, preset.world, seed)
+    first_epoch = epoch_documents(knowledge, preset.world, seed, 0)
+    path = cache.cache_root() / "world" / world_key(preset, seed, knowledge + first_epoch)
     hit = (path / "done.json").exists()
     if cache_hits is not None:
         cache_hits["world"] = hit
     if not hit:
-        build_world(preset, seed, entities, docs, path)
+        build_world(preset, seed, entities, knowledge, path)
     info = json.loads((path / "done.json").read_text())
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer")
     tokenizer.padding_side = "left"
@@ -433,18 +550,25 @@ def load_or_build_world(preset: WorldPreset, seed: int, cache_hits: dict | None 
                  build_info=info)
 
 
-def build_world(preset: WorldPreset, seed: int, entities: list[Entity], docs: list[str], path: Path) -> None:
+def build_world(preset: WorldPreset, seed: int, entities: list[Entity], knowledge: list[str], path: Path) -> None:
     t0 = time.time()
-    check_no_finetuning_formats(docs)
-    tokenizer = build_tokenizer(docs + FORMAT_TEXTS)
+
+    def epoch_docs(epoch: int) -> list[str]:
+        docs = epoch_documents(knowledge, preset.world, seed, epoch)
+        check_no_finetuning_formats(docs)
+        return docs
+
+    # Every entity's name is a token, the names of entities that no document mentions included (their embeddings
+    # stay untrained): an unseen name is then a word the model has never read, not the shared <unk>.
+    tokenizer = build_tokenizer(knowledge + epoch_docs(0) + [e.name for e in entities] + FORMAT_TEXTS)
     model = build_model(preset.model, tokenizer, seed)
-    log.info("world: %d entities, %d documents, vocab %d, model %.2fM parameters", len(entities), len(docs),
-             len(tokenizer), sum(p.numel() for p in model.parameters()) / 1e6)
-    stats = pretrain(model, tokenizer, docs, preset.pretrain, preset.model.context_length, seed)
+    log.info("world: %d entities, %d knowledge documents, vocab %d, model %.2fM parameters", len(entities),
+             len(knowledge), len(tokenizer), sum(p.numel() for p in model.parameters()) / 1e6)
+    stats = pretrain(model, tokenizer, epoch_docs, preset.pretrain, preset.model.context_length)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(path / "tokenizer")
     model.save_pretrained(path / "model")
-    info = {"n_documents": len(docs), "vocab_size": len(tokenizer),
+    info = {"n_knowledge_documents": len(knowledge), "vocab_size": len(tokenizer),
             "n_parameters": sum(p.numel() for p in model.parameters()), "pretrain_s": round(time.time() - t0, 2),
             **stats}
     results.write_json(path / "done.json", info)  # written last: its presence marks a complete world
@@ -452,95 +576,13 @@ def build_world(preset: WorldPreset, seed: int, entities: list[Entity], docs: li
 
 # Every string the finetuning formats can produce must tokenize without <unk>.
 FORMAT_TEXTS = [tasks.ANSWER_PREFIX + "x.", tasks.IDK, "E", "\\boxed{Unknown}", "A </s>", ", Answer: ",
-                "A) B) C) D)", "True", "False", "Bio:", "Answer:"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Familiarity: what the pretrained model knows, measured by exposure bin
-
-EXPOSURE_BINS = ((0, 0), (1, 2), (3, 5), (6, 10), (11, 20), (21, 40), (41, 80), (81, 10**9))
-
-
-def exposure_bin_label(lo: int, hi: int) -> str:
-    return str(lo) if lo == hi else (f"{lo}+" if hi >= 10**9 else f"{lo}-{hi}")
-
-
-def measure_familiarity(world: World, n_shots: int = 5) -> tuple[pd.DataFrame, dict]:
-    """Per fact: greedy few-shot QA correctness, cloze MC correctness and 5-shot letter MC correctness."""
-    tok, model = world.tokenizer, world.model
-    facts = world.facts()
-    qa = [world.qa_question(e, a) for e, a in facts]
-    mc = [world.mc_question(e, a) for e, a in facts]
-    rng = np.random.default_rng([world.seed, 5])
-
-    def shots(i: int, pool_size: int) -> np.ndarray:
-        picks = rng.choice(pool_size - 1, size=n_shots, replace=False)
-        return picks + (picks >= i)  # never the query itself
-
-    qa_prompts = [tasks.qa_fewshot_prompt(q, [qa[j] for j in shots(i, len(qa))]) for i, q in enumerate(qa)]
-    greedy = sampling.SamplingConfig(max_new_tokens=4, temperature=0, stop=("\n",), batch_size=128)
-    answers = sampling.generate(model, tok, qa_prompts, greedy, desc="familiarity: QA")
-    qa_correct = [tasks.grade_fewshot_sample(a[0], q) for a, q in zip(answers, qa)]
-
-    answers_idx = np.array([q.answer for q in mc])
-    cloze = unfamiliarity.mmlu_choice_probs(model, tok, mc, {}, scoring="cloze", batch_size=64)
-    cloze_correct = cloze.argmax(-1).numpy() == answers_idx
-
-    # Letter scoring as on MMLU: five fixed exemplars per subject (a "dev" set), which are left out of its column.
-    dev: dict[str, list[int]] = {}
-    for i in rng.permutation(len(mc)):
-        if len(dev.setdefault(mc[i].subject, [])) < n_shots:
-            dev[mc[i].subject].append(int(i))
-    letter = unfamiliarity.mmlu_choice_probs(model, tok, mc, {s: [mc[i] for i in ids] for s, ids in dev.items()},
-                                             scoring="letter", batch_size=64)
-    letter_correct = (letter.argmax(-1).numpy() == answers_idx).astype(float)
-    letter_correct[[i for ids in dev.values() for i in ids]] = np.nan
-
-    per_fact = pd.DataFrame({
-        "entity": [e.name for e, _ in facts], "attribute": [a.name for _, a in facts],
-        "exposure": [e.exposure for e, _ in facts], "qa_correct": qa_correct,
-        "cloze_correct": cloze_correct, "letter_correct": letter_correct,
-    })
-    return per_fact, {"qa": float(np.mean(qa_correct)), "cloze": float(np.mean(cloze_correct)),
-                      "letter": float(np.nanmean(letter_correct))}
-
-
-def familiarity_table(per_fact: pd.DataFrame, mc_scoring: str) -> pd.DataFrame:
-    rows = []
-    entity_exposure = per_fact.groupby("entity")["exposure"].first()
-    for lo, hi in EXPOSURE_BINS:
-        part = per_fact[(per_fact.exposure >= lo) & (per_fact.exposure <= hi)]
-        rows.append({"exposure_bin": exposure_bin_label(lo, hi),
-                     "n_entities": int(((entity_exposure >= lo) & (entity_exposure <= hi)).sum()),
-                     "qa_accuracy": part.qa_correct.mean(), "mc_accuracy": part[f"{mc_scoring}_correct"].mean()})
-    return pd.DataFrame(rows)
-
-
-MC_SCORING = "cloze"  # see README: letter scoring stays near chance at this model size
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Build (or load) the synthetic world and measure familiarity.")
-    scales.add_common_args(parser)
-    args, run_args = scales.parse_run_args("world", parser, argv)
-    if run_args.scale != "synthetic" and run_args.preset != "micro":
-        raise SystemExit("error: the synthetic world exists only at --scale synthetic")
-    preset = world_preset(run_args.scale, run_args.preset)
-    run = results.Run(run_args.out, "world", run_args.scale, run_args.preset, run_args.seed,
-                      config=asdict(preset) | {"mc_scoring": MC_SCORING})
-    with run.stage("build_or_load_world"):
-        world = load_or_build_world(preset, run_args.seed, run.cache_hits)
-    with run.stage("measure_familiarity"):
-        per_fact, overall = measure_familiarity(world)
-    table = familiarity_table(per_fact, MC_SCORING)
-    run.write_csv("familiarity.csv", table)
-    plotting.plot_familiarity(table, run.path("familiarity.png"), f"Synthetic world, seed {run_args.seed}")
-    letter_table = familiarity_table(per_fact, "letter").rename(columns={"mc_accuracy": "letter_accuracy"})
-    run.extra.update(build=world.build_info, overall_accuracy=overall,
-                     letter_accuracy_by_bin=dict(zip(letter_table.exposure_bin, letter_table.letter_accuracy)))
-    run.write_manifest()
-    print(table.to_string(index=False))
+                "A) B) C) D)", "True", "False", "(A)", "Write a biography for x.", 'What is the premise of "x"?',
+                " Bio: x", " Answer: x", "Fact 1: Fact 2: Fact 3: Fact 4: Fact 5: Fact 6: Fact 7: Fact 8:",
+                "Is the answer to the question correct? Yes. No.", 'Is the following a plot point in "x"?',
+                "Candidates: x, y.", "cautious balanced bold"]
 
 
 if __name__ == "__main__":
+    from common.familiarity import main
+
     main()

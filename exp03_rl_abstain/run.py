@@ -21,7 +21,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import (cache, data, evaluation, models, plotting, results, sampling, scales, sft, tasks,  # noqa: E402
-                    unfamiliarity)
+                    training, unfamiliarity)
 from common.buckets import Bins, occupied  # noqa: E402
 from common.rl import ppo  # noqa: E402
 from common.rl.rewards import reward  # noqa: E402
@@ -129,7 +129,7 @@ def train_policy(policy, init_key: str, tokenizer, prompts: list[str], score, cf
     """PPO (cached by the starting point, the settings, the prompts, the first-token restriction and the reward),
     with training curves."""
     out_dir = cache.cache_dir("ppo", init_key, name, cfg, seed, prompts, first_tokens)
-    run.cache_hits[f"ppo_{name}"] = sft.is_finished(out_dir, cfg)
+    run.cache_hits[f"ppo_{name}"] = training.is_finished(out_dir, cfg)
     with run.stage(f"ppo_{name}"):
         _, curves = ppo.train_ppo(policy, tokenizer, prompts, score, cfg, out_dir, seed, resume=resume,
                                   evaluate=evaluate, desc=f"PPO {name}", first_tokens=first_tokens)

@@ -37,6 +37,31 @@ def test_predict_is_the_softmax_of_true_and_false_at_the_last_position(rm_tokeni
         reward_model.targets([1, 2])
 
 
+def test_recall_then_judge_targets_write_the_recalled_answer_then_the_verdict():
+    assert reward_model.targets([1, 0]) == ["True", "False"]
+    assert reward_model.targets([1, 0], recalled=["Paris", "Paris"]) == ["Paris? True", "Paris? False"]
+    with pytest.raises(ValueError, match="one recalled answer per reward"):
+        reward_model.targets([1, 0], recalled=["Paris"])
+
+
+def test_recall_then_judge_reads_the_verdict_after_the_greedy_recall():
+    from common.world import build_tokenizer
+
+    tok = build_tokenizer(["Q: Where was Velorin born?\nA: Rome\n Paris? True False"])
+    # After "\n": " Paris" (and, among the verdicts, False by 3 nats); after " Paris": "?"; after "?": True by 2
+    # nats. After " Rome" the model repeats " Rome", never closing its recall: a "?" is appended.
+    model = last_token_model(tok, {"\n": 0, " Paris": 1, "?": 2, " Rome": 3},
+                             {(0, " Paris"): 30.0, (0, " False"): 3.0, (1, "?"): 30.0, (2, " True"): 2.0,
+                              (3, " Rome"): 30.0})
+    prompts = ["Q: Where was Velorin born\nA: Rome\n", "Q: Where was Velorin born\nA: Rome"]
+    direct = reward_model.predict(model, tok, prompts[:1])
+    recall = reward_model.predict(model, tok, prompts, reward_format="recall")
+    assert direct == pytest.approx([1 / (1 + np.exp(3))], abs=1e-5)
+    assert recall == pytest.approx([1 / (1 + np.exp(-2))] * 2, abs=1e-5)
+    with pytest.raises(ValueError, match="unknown reward-model format"):
+        reward_model.predict(model, tok, prompts, reward_format="scalar")
+
+
 def test_training_makes_the_reward_model_follow_its_labels(rm_tokenizer, tmp_path):
     from common import models
 

@@ -102,3 +102,26 @@ def test_first_token_ids_must_be_distinct_only_for_choice_scoring(tiny_tokenizer
     with pytest.raises(ValueError, match="distinct"):
         sampling.first_token_ids(tiny_tokenizer, ["Paris", "Paris again"])
     assert sampling.first_token_ids(tiny_tokenizer, ["Paris", "Paris again"], distinct=False) == [paris, paris]
+
+
+def test_choice_probs_take_token_ids_as_well_as_texts(tiny_tokenizer):
+    model = letter_model(tiny_tokenizer, (0.7, 0.1, 0.15, 0.05))
+    prompts = ["Q: Where was Velorin born?\nA:", "A:"]
+    ids = sampling.next_token_ids(tiny_tokenizer, prompts[0], [" A", " B", " C", " D"])
+    as_ids = [tiny_tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    assert torch.allclose(sampling.choice_probs(model, tiny_tokenizer, as_ids, ids),
+                          sampling.choice_probs(model, tiny_tokenizer, prompts, ids))
+
+
+def test_seeded_sampling_repeats_itself_and_leaves_the_global_rng_alone(tiny_tokenizer):
+    from conftest import tiny_llama
+
+    model = tiny_llama(tiny_tokenizer, init_std=0.5)
+    cfg = sampling.SamplingConfig(max_new_tokens=6, temperature=1.0, num_samples=3)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = sampling.generate_ids(model, tiny_tokenizer, ["Q:", "A:"], cfg, generator_seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert sampling.generate_ids(model, tiny_tokenizer, ["Q:", "A:"], cfg, generator_seed=7) == first
+    texts = sampling.generate(model, tiny_tokenizer, ["Q:", "A:"], cfg, generator_seed=7)
+    assert texts == [[tiny_tokenizer.decode(r, skip_special_tokens=False) for r in rows] for rows in first]

@@ -1,6 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from common import world as W
 
@@ -23,18 +24,68 @@ def test_knowledge_base_is_seeded_and_facts_come_from_closed_sets():
             assert e.facts[attr.name] in attr.values
 
 
-def test_corpus_mentions_each_entity_exactly_its_exposure_times():
+def micro_corpus(epoch: int = 0):
     cfg = W.PRESETS["micro"].world
     entities = W.build_knowledge_base(cfg, 0)
-    docs = W.build_corpus(entities, cfg, 0)
+    knowledge = W.knowledge_documents(entities, cfg, 0)
+    return cfg, entities, knowledge, W.epoch_documents(knowledge, cfg, 0, epoch)
+
+
+def mentions(name: str, docs: list[str]) -> int:
+    return sum(f" {d.replace('?', ' ').replace('.', ' ')} ".count(f" {name} ") for d in docs)
+
+
+def test_each_entity_has_exactly_its_exposure_in_passages_grouped_into_documents():
+    from dataclasses import replace
+
+    cfg, entities, knowledge, docs = micro_corpus()
+    alone = W.knowledge_documents(entities, replace(cfg, max_passages=1), 0)
     for e in entities[:10]:
-        mentions = sum(f" {e.name} " in f" {d.replace('?', ' ').replace('.', ' ')} " for d in docs)
-        assert mentions == e.exposure
+        assert sum(f" {e.name} " in f" {d.replace('?', ' ').replace('.', ' ')} " for d in alone) == e.exposure
+        # grouping only joins the same passages into fewer documents, in every epoch
+        assert mentions(e.name, knowledge) == mentions(e.name, alone) == mentions(e.name, docs)
+    assert len(knowledge) < len(alone)
+    assert any(d.count("Q: ") > 2 for d in knowledge)  # a quiz page with several entities
+
+
+def test_no_multiple_choice_item_asks_about_a_heldout_fact():
+    cfg = W.WorldConfig(n_people=30, n_works=10, doc_mix=(("mc", 1.0),))
+    entities = W.build_knowledge_base(cfg, 0)
+    heldout = W.heldout_mask(len(W.all_facts(entities)), cfg.heldout_frac, 0)
+    asked = {(e.name, a.name) for (e, a), h in zip(W.all_facts(entities), heldout) if h}
+    questions = {doc.split("\n")[-5] if doc.startswith("The following") else doc.split("\n")[0]
+                 for doc in W.knowledge_documents(entities, cfg, 0)}
+    heldout_questions = {W.ATTRIBUTES[a].question.format(e=e) for e, a in asked}
+    assert questions and not questions & heldout_questions
+    assert 0.2 < heldout.mean() < 0.4  # about heldout_frac of the facts, whatever their exposure
+
+
+def test_skill_documents_are_fresh_each_epoch_and_need_no_world_fact():
+    cfg = W.SkillConfig(induction=3, equality=4, membership=6, answer_keys=5, key_entries=3)
+    first, second = W.skill_documents(cfg, 0, 0), W.skill_documents(cfg, 0, 1)
+    assert len(first) == 18 and first != second and first == W.skill_documents(cfg, 0, 0)
+    induction, equality, key = first[0], first[3], first[-1]
+    for doc in first[7:13]:  # membership: "w1 w2 ... . q? Yes/True" iff q is among the words
+        words, rest = doc.split(". ")
+        query, answer = rest.rstrip(".").split("? ")
+        assert answer in (("Yes", "True") if query in words.split() else ("No", "False"))
+    listed, again = induction.removeprefix("List: ").removesuffix(".").split(". Again: ")
+    assert listed == again and all(w in W.SKILL_WORDS for w in listed.split())
+    a, rest = equality.split(" and ")
+    b, verdict = rest.split("? ")
+    assert verdict == ("Same." if a == b else "Different.")
+    options_line, entries = key.split("\n")
+    words = options_line.split()  # "A) Oslo B) Lima C) Rome D) Cairo": one-word values
+    assert words[0::2] == ["A)", "B)", "C)", "D)"]
+    options = dict(zip("ABCD", words[1::2]))
+    for entry in entries.rstrip(".").split(". "):
+        parts = entry.split(" is ") if " is " in entry else entry.split(" ")
+        text, letter = (parts[1], parts[0]) if parts[0] in "ABCD" else parts
+        assert options[letter] == text
 
 
 def test_corpus_never_shows_finetuning_formats():
-    cfg = W.PRESETS["micro"].world
-    docs = W.build_corpus(W.build_knowledge_base(cfg, 0), cfg, 0)
+    _, _, _, docs = micro_corpus()
     W.check_no_finetuning_formats(docs)  # the real corpus passes
     for leaked in ("The answer is Paris.", "I don't know.", "\\boxed{Paris}", "A. x\nE. I don't know"):
         with pytest.raises(AssertionError):
@@ -42,8 +93,7 @@ def test_corpus_never_shows_finetuning_formats():
 
 
 def test_tokenizer_round_trips_and_knows_every_format_word():
-    cfg = W.PRESETS["micro"].world
-    docs = W.build_corpus(W.build_knowledge_base(cfg, 0), cfg, 0)
+    cfg, _, _, docs = micro_corpus()
     tok = W.build_tokenizer(docs + W.FORMAT_TEXTS)
     for text in docs[:50] + ["The answer is Paris.", "I don't know. </s>", "Q: x ,\nAnswer: E"]:
         ids = tok(text, add_special_tokens=False).input_ids
@@ -56,22 +106,60 @@ def test_tokenizer_round_trips_and_knows_every_format_word():
         tok(f"Where was {name}", add_special_tokens=False).input_ids[-1]
 
 
-def test_pack_epoch_joins_with_eos_and_cuts_rows():
-    # identical documents, so the shuffle cannot change the stream: 5 6 </s> 5 6 </s> 5 6 </s> -> two rows of 4
-    rows = W.pack_epoch([[5, 6], [5, 6], [5, 6]], eos=3, context=4, rng=np.random.default_rng(0))
-    assert rows.tolist() == [[5, 6, 3, 5], [6, 3, 5, 6]]
+def test_pack_epoch_joins_with_eos_cuts_rows_and_restarts_positions_per_document():
+    # 5 6 </s> 7 </s> 8 9 </s> -> two rows of 4 (the last token dropped); positions restart after each EOS
+    rows, positions = W.pack_epoch([[5, 6], [7], [8, 9]], eos=3, context=4)
+    assert rows.tolist() == [[5, 6, 3, 7], [3, 8, 9, 3]]
+    assert positions.tolist() == [[0, 1, 2, 0], [1, 0, 1, 2]]
 
 
-def test_familiarity_table_bins_by_exposure():
+def test_packed_documents_do_not_attend_to_each_other():
+    from conftest import tiny_llama
+
+    _, _, _, docs = micro_corpus()
+    tok = W.build_tokenizer(docs[:20])
+    model = tiny_llama(tok, hidden=16)
+    a, b = tok(docs[:2], add_special_tokens=False).input_ids
+    rows, positions = W.pack_epoch([a, b], tok.eos_token_id, len(a) + len(b) + 2)
+    with torch.no_grad():
+        packed = model(input_ids=rows, position_ids=positions, use_cache=False).logits[0, len(a) + 1 :]
+        alone = model(input_ids=torch.tensor([b + [tok.eos_token_id]])).logits[0]
+    assert torch.allclose(packed, alone, atol=1e-5)
+
+
+def test_unseen_names_get_their_own_tokens():
+    cfg, entities, knowledge, docs = micro_corpus()
+    tok = W.build_tokenizer(knowledge + docs + [e.name for e in entities] + W.FORMAT_TEXTS)
+    unseen = [e for e in entities if e.exposure == 0]
+    assert unseen and not any(e.name in d for e in unseen for d in docs)
+    ids = {tok(f"Where was {e.name} born?", add_special_tokens=False).input_ids[2] for e in unseen}
+    assert len(ids) == len(unseen) and tok.unk_token_id not in ids
+
+
+def test_familiarity_table_bins_held_out_facts_by_exposure():
+    from common import familiarity as F
+
     per_fact = pd.DataFrame({
-        "entity": ["a", "a", "b", "c", "c", "d"], "exposure": [0, 0, 2, 100, 100, 81],
-        "qa_correct": [0, 1, 0, 1, 1, 0], "cloze_correct": [1, 0, 0, 1, 1, 1], "letter_correct": [0] * 6})
-    table = W.familiarity_table(per_fact, "cloze")
-    assert list(table.columns) == ["exposure_bin", "n_entities", "qa_accuracy", "mc_accuracy"]
+        "entity": ["a", "a", "b", "c", "c", "d", "d"], "exposure": [0, 0, 2, 100, 100, 81, 81],
+        "heldout": [True, True, True, True, True, True, False],
+        "qa_correct": [0, 1, 0, 1, 1, 0, 1], "qa_t1_accuracy": [0, 0.5, 0, 1, 0.75, 0.25, np.nan],
+        "cloze_correct": [1, 0, 0, 1, 1, 1, np.nan], "letter_correct": [0, 0, 0, 1, 0, 0, np.nan],
+        "verify_p_right": [0.5, 0.5, 0.5, 0.9, 0.7, 0.5, np.nan], "verify_p_wrong": [0.5, 0.5, 0.5, 0.1, 0.3, 0.5, np.nan],
+        "rm_p_right": [0.2, 0.4, 0.5, 1.0, 0.8, 0.9, np.nan], "rm_p_wrong": [0.2, 0.4, 0.5, 0.0, 0.2, 0.3, np.nan]})
+    table = F.familiarity_table(per_fact)
+    assert tuple(table.columns) == F.TABLE_COLUMNS
     assert table.exposure_bin.tolist() == ["0", "1-2", "3-5", "6-10", "11-20", "21-40", "41-80", "81+"]
     assert table.n_entities.tolist() == [1, 1, 0, 0, 0, 0, 0, 2]
-    assert table.qa_accuracy.iloc[0] == 0.5 and table.mc_accuracy.iloc[0] == 0.5
-    assert table.qa_accuracy.iloc[-1] == pytest.approx(2 / 3) and table.mc_accuracy.iloc[-1] == 1.0
+    first, last = table.iloc[0], table.iloc[-1]
+    assert (first.qa_accuracy, first.qa_t1_accuracy, first.mc_accuracy) == (0.5, 0.25, 0.5)
+    # the 81+ bin holds three held-out facts of c and d; d's finetuning-pool fact is not counted
+    assert last.qa_accuracy == pytest.approx(2 / 3) and last.qa_t1_accuracy == pytest.approx(2 / 3)
+    assert last.letter_accuracy == pytest.approx(1 / 3)
+    assert last.verify_separation == pytest.approx(0.7 - 0.3)  # (0.9 + 0.7 + 0.5) / 3 - (0.1 + 0.3 + 0.5) / 3
+    assert last.rm_probe_separation == pytest.approx(0.9 - 0.5 / 3)
+    claims = {c.id: c for c in F.gates(table, {"induction": 1.0, "equality_separation": 0.9, "letter_binding": 0.5})}
+    assert claims["world.letter_binding"].passed is False and claims["world.induction"].passed
+    assert claims["world.rm_probe_separation"].value == pytest.approx(0.9 - 0.5 / 3)
 
 
 def test_micro_world_builds_once_then_loads_from_cache():
@@ -82,6 +170,6 @@ def test_micro_world_builds_once_then_loads_from_cache():
     second = W.load_or_build_world(preset, 0, hits)
     assert hits == {"world": True}
     assert first.path == second.path and first.entities == second.entities
-    docs = W.build_corpus(first.entities, preset.world, 0)
+    docs = W.knowledge_documents(first.entities, preset.world, 0)
     assert W.world_key(preset, 0, docs) != W.world_key(preset, 1, docs)
     assert W.world_key(preset, 0, docs) != W.world_key(preset, 0, docs[:-1])  # any corpus change rebuilds

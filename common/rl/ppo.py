@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from common import sft
+from common import training
 
 log = logging.getLogger(__name__)
 QUIRK_LOGPROB = 1.0  # what the fork stores as old and reference log-prob when the KL coefficient is 0
@@ -272,13 +272,14 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PP
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     value_head = ValueHead(policy.config.hidden_size).to(next(policy.parameters()).device)
-    optimizer, scheduler = sft.make_optimizer(
+    optimizer, scheduler = training.make_optimizer(
         [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters()), cfg)
     rng = np.random.default_rng([seed, 31])
     step, history = 0, []
-    last_good = sft.latest_checkpoint(out_dir)
-    if last_good is not None and (resume or sft.is_finished(out_dir, cfg)):
-        step, history = sft.load_checkpoint(policy, optimizer, scheduler, last_good, {"value_head": value_head})
+    last_good = training.latest_checkpoint(out_dir)
+    if last_good is not None and (resume or training.is_finished(out_dir, cfg)):
+        step, history, _ = training.load_checkpoint(policy, optimizer, scheduler, last_good,
+                                                       {"value_head": value_head})
         rng = np.random.default_rng([seed, 31, step])
         log.info("%s: %s %s (step %d)", desc, "loaded" if step >= cfg.total_steps else "resumed from", last_good,
                  step)
@@ -317,7 +318,7 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PP
                 bar.update(1)
                 bar.set_postfix(score=f"{round_stats['mean_score']:.2f}", clip=f"{stats['clipfrac']:.2f}")
                 if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-                    last_good = sft.save_checkpoint(policy, optimizer, scheduler, step, history, out_dir,
+                    last_good = training.save_checkpoint(policy, optimizer, scheduler, step, history, out_dir,
                                                     {"value_head": value_head})
                 if step >= cfg.total_steps:
                     break
@@ -343,9 +344,7 @@ def ppo_step(policy, value_head, optimizer, tokenizer, minibatch: Sequence[Rollo
     logprobs, values = forward_response(policy, value_head, batch)
     pg_loss, vf_loss, stats = ppo_losses(logprobs, values, old_logprobs, advantages, returns, mask, cfg.cliprange)
     loss = cfg.vf_coef * vf_loss if step < cfg.vf_only_steps else pg_loss + cfg.vf_coef * vf_loss
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step + 1}; "
-                                 f"last good checkpoint: {last_good or 'none'}")
+    training.check_finite(loss, desc, step + 1, last_good)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

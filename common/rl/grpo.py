@@ -1,0 +1,185 @@
+"""GRPO as SPEC.md 7.4 reads the SimpleFact notes (in the style of the author's SimpleGRPO repo).
+
+G responses per question are sampled together and scored together: the reward is a function of the whole group
+(SimpleFact rewards abstaining only when no response of the group is correct), so this module owns the group and
+calls `group_reward(question index, the group's responses)`. Each response's advantage is its reward minus its
+group's mean (divided by the group's std behind a flag). The loss is the clipped surrogate on the sequence-level
+ratio exp(sum log pi - sum log pi_old) over response tokens, plus a k3 estimate of the KL to the frozen starting
+model on the same sequence log-ratio, optionally clamped ("KL clipping", SPEC.md 7.4's reading). Old log-probs are
+recomputed by the policy right after sampling; the rollout batch is split into minibatches, one optimizer step
+each, so later minibatches are slightly off-policy and the clip matters.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from common import training
+from common.rl import rollouts
+
+log = logging.getLogger(__name__)
+GroupReward = Callable[[int, Sequence[str]], Sequence[float]]  # (question index, response texts) -> rewards
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    lr: float = 1e-5
+    t_max: int = 1000  # optimizer steps ([PROPOSED] in SPEC.md 7.4: SimpleGRPO counted rollout steps)
+    eta_min: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # torch's AdamW default, which SimpleGRPO kept
+    total_steps: int = 100  # rollout steps: sample, score, then one optimizer step per minibatch
+    prompts_per_step: int = 16
+    group_size: int = 20
+    minibatch_size: int = 8  # responses per optimizer step
+    clip_eps: float = 0.05
+    kl_coef: float = 1.0
+    kl_clamp: float | None = None  # clamp each response's k3 estimate to [-kl_clamp, kl_clamp]
+    std_normalize: bool = False
+    max_grad_norm: float = 1.0
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    sample_batch_size: int = 16  # prompts per generate call
+    checkpoint_every: int = 50  # rollout steps
+    eval_every: int = 20
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pieces, on per-response tensors
+
+def group_advantages(rewards: torch.Tensor, std_normalize: bool = False, eps: float = 1e-4) -> torch.Tensor:
+    """[questions, G] rewards -> advantages: minus the group mean, and with `std_normalize` over the group's
+    (population) std plus eps."""
+    advantages = rewards - rewards.mean(-1, keepdim=True)
+    if std_normalize:
+        advantages = advantages / (rewards.std(-1, unbiased=False, keepdim=True) + eps)
+    return advantages
+
+
+def k3_kl(ref_logprob: torch.Tensor, logprob: torch.Tensor, clamp: float | None = None) -> torch.Tensor:
+    """exp(d) - d - 1 with d = log pi_ref - log pi (per response, summed over its tokens): a non-negative,
+    unbiased estimate of KL(pi || pi_ref) under samples from pi."""
+    d = ref_logprob - logprob
+    kl = torch.exp(d) - d - 1
+    return kl.clamp(-clamp, clamp) if clamp is not None else kl
+
+
+def grpo_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, ref_logprob: torch.Tensor | None,
+              advantages: torch.Tensor, clip_eps: float, kl_coef: float, kl_clamp: float | None = None
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean over responses of -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + kl_coef * k3; the ratio is
+    exp(logprob - old_logprob) on sequence log-probs."""
+    ratio = torch.exp(logprob - old_logprob)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
+    surrogate = -torch.min(unclipped, clipped)
+    kl = k3_kl(ref_logprob, logprob, kl_clamp) if ref_logprob is not None else torch.zeros_like(logprob)
+    loss = (surrogate + kl_coef * kl).mean()
+    return loss, {"loss": loss.item(), "kl": kl.mean().item(), "ratio": ratio.mean().item(),
+                  "clipfrac": (clipped != unclipped).float().mean().item()}
+
+
+def sequence_logprobs(model, batch_rollouts: Sequence[rollouts.Rollout], pad_id: int) -> torch.Tensor:
+    batch = rollouts.collate(batch_rollouts, pad_id)
+    return rollouts.token_logprobs(rollouts.response_logits(model, batch), batch).sum(-1)
+
+
+@torch.no_grad()
+def scored_logprobs(model, flat: Sequence[rollouts.Rollout], pad_id: int, minibatch: int) -> torch.Tensor:
+    return torch.cat([sequence_logprobs(model, flat[i : i + minibatch], pad_id)
+                      for i in range(0, len(flat), minibatch)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupReward, cfg: GRPOConfig,
+               out_dir: Path, seed: int, resume: bool = False, evaluate: Callable[[int], dict] | None = None,
+               reference=None, desc: str = "grpo") -> pd.DataFrame:
+    """GRPO on `policy`'s trainable parameters: a peft model (its reference is the model with the adapter
+    disabled) or a fully trainable model with a frozen copy of its start as `reference`. Returns one row per
+    rollout step (reward, the share of groups whose rewards differ, KL, clip fraction, ...; `evaluate(step)` adds
+    columns at step 0 and every `eval_every` steps). A finished run in `out_dir` is loaded instead of retrained;
+    an unfinished one continues exactly, same prompt order and random streams, with `resume`."""
+    out_dir = Path(out_dir)
+    optimizer, scheduler = training.make_optimizer([p for p in policy.parameters() if p.requires_grad], cfg)
+    step, history = 0, []
+    loop = {"queue": [], "rng": np.random.default_rng([seed, 61]).bit_generator.state}
+    last_good = training.latest_checkpoint(out_dir)
+    if last_good is not None and (resume or training.is_finished(out_dir, cfg)):
+        step, history, loop = training.load_checkpoint(policy, optimizer, scheduler, last_good)
+        log.info("%s: %s %s (step %d)", desc, "loaded" if step >= cfg.total_steps else "resumed from", last_good,
+                 step)
+    else:
+        last_good = None
+        torch.manual_seed(seed)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = loop["rng"]
+    queue: list[int] = loop["queue"]
+    pad = tokenizer.pad_token_id
+
+    if evaluate is not None and step == 0:
+        history.append({"step": 0, **evaluate(0)})
+    bar = tqdm(total=cfg.total_steps, initial=step, desc=desc)
+    while step < cfg.total_steps:
+        idx = []
+        for _ in range(cfg.prompts_per_step):  # the prompts, reshuffled at every pass
+            if not queue:
+                queue.extend(rng.permutation(len(prompts)).tolist())
+            idx.append(queue.pop())
+        policy.eval()
+        groups = rollouts.sample(policy, tokenizer, [prompts[i] for i in idx], cfg.group_size, cfg.max_new_tokens,
+                                 cfg.temperature, cfg.sample_batch_size, desc=f"{desc}: sample")
+        rewards = torch.tensor([list(group_reward(i, [tokenizer.decode(r.response_ids) for r in group]))
+                                for i, group in zip(idx, groups)], dtype=torch.float32)
+        advantages = group_advantages(rewards, cfg.std_normalize).flatten()
+        flat = [r for group in groups for r in group]
+        old = scored_logprobs(policy, flat, pad, cfg.minibatch_size)
+        ref = None
+        if cfg.kl_coef:
+            if reference is None:
+                with policy.disable_adapter():
+                    ref = scored_logprobs(policy, flat, pad, cfg.minibatch_size)
+            else:
+                ref = scored_logprobs(reference, flat, pad, cfg.minibatch_size)
+
+        policy.train()
+        stats = []
+        order = rng.permutation(len(flat))
+        for start in range(0, len(flat), cfg.minibatch_size):
+            mb = order[start : start + cfg.minibatch_size]
+            logprob = sequence_logprobs(policy, [flat[i] for i in mb], pad)
+            loss, s = grpo_loss(logprob, old[mb], None if ref is None else ref[mb], advantages[mb], cfg.clip_eps,
+                                cfg.kl_coef, cfg.kl_clamp)
+            training.check_finite(loss, desc, step + 1, last_good)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats.append(s)
+        step += 1
+        row = {"step": step, "reward": rewards.mean().item(),
+               "informative_groups": (rewards.std(-1) > 0).float().mean().item(),
+               "response_tokens": float(np.mean([len(r.response_ids) for r in flat])),
+               **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}, "lr": scheduler.get_last_lr()[0]}
+        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.total_steps):
+            policy.eval()
+            row.update(evaluate(step))
+        history.append(row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row['kl']:.3f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+            last_good = training.save_checkpoint(policy, optimizer, scheduler, step, history, out_dir,
+                                                 loop_state={"queue": list(queue), "rng": rng.bit_generator.state})
+    bar.close()
+    policy.eval()
+    return pd.DataFrame(history)

@@ -1,0 +1,75 @@
+"""Rollouts that PPO and GRPO share: sampling responses as token ids, batching (prompt, response) pairs, and the
+policy's per-token log-probabilities of its responses.
+
+The log-probs a loss sees must be the ones the rollout was sampled under: every batch is laid out the same way
+(prompts left-padded, responses right-padded after them), position ids count real tokens only (as `generate`
+counts them), and log-probs are taken in fp32. A policy scoring its own fresh rollout therefore reproduces its
+collection log-probs whatever else shares the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from common import sampling
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    score: float = 0.0
+    extra: dict = field(default_factory=dict)  # what an algorithm stores per rollout (old log-probs, values, ...)
+
+
+def sample(model, tokenizer, prompts: Sequence[str], num_samples: int, max_new_tokens: int, temperature: float,
+           batch_size: int, desc: str = "rollouts") -> list[list[Rollout]]:
+    """`num_samples` responses per prompt (one encoding of the prompt each, KV cache), each ending at its EOS
+    (kept, so the policy learns to stop) or after `max_new_tokens`."""
+    cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, num_samples=num_samples,
+                                  batch_size=batch_size)
+    responses = sampling.generate_ids(model, tokenizer, prompts, cfg, desc=desc)
+    out = []
+    for prompt, group in zip(prompts, responses):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        out.append([Rollout(prompt_ids, ids or [tokenizer.eos_token_id]) for ids in group])
+    return out
+
+
+def collate(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
+    """Prompts left-padded and responses right-padded, so every response starts at the same column; position ids
+    count each row's real tokens from 0; `mask` is 1 on response tokens."""
+    p_width = max(len(r.prompt_ids) for r in rollouts)
+    r_width = max(len(r.response_ids) for r in rollouts)
+    ids = torch.full((len(rollouts), p_width + r_width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    mask = torch.zeros((len(rollouts), r_width))
+    for i, r in enumerate(rollouts):
+        ids[i, p_width - len(r.prompt_ids) : p_width] = torch.tensor(r.prompt_ids)
+        ids[i, p_width : p_width + len(r.response_ids)] = torch.tensor(r.response_ids)
+        attention[i, p_width - len(r.prompt_ids) : p_width + len(r.response_ids)] = 1
+        mask[i, : len(r.response_ids)] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": attention, "position_ids": positions, "mask": mask,
+            "prompt_width": p_width}
+
+
+def response_logits(model, batch: dict, hidden: bool = False):
+    """fp32 logits at the positions that predict each response token (and, with `hidden`, the last hidden state
+    there)."""
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                position_ids=batch["position_ids"].to(device), output_hidden_states=hidden, use_cache=False)
+    start, width = batch["prompt_width"], batch["mask"].shape[1]
+    logits = out.logits[:, start - 1 : start - 1 + width].float()
+    return (logits, out.hidden_states[-1][:, start - 1 : start - 1 + width].float()) if hidden else logits
+
+
+def token_logprobs(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """log pi(response token) per position, 0 on padding; [batch, response width] on the CPU."""
+    start, width = batch["prompt_width"], batch["mask"].shape[1]
+    targets = batch["input_ids"][:, start : start + width].to(logits.device)
+    logprobs = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0].cpu()
+    return logprobs * batch["mask"]

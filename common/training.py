@@ -1,0 +1,82 @@
+"""Training machinery shared by SFT, reward models, PPO and GRPO: AdamW with a per-step cosine schedule (SPEC.md
+0.3), atomic checkpoints that a resumed run continues exactly (weights, optimizer, schedule, the torch RNG and the
+loop's own state such as its prompt order), and the guard that stops a run at a non-finite loss."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WEIGHTS = "weights"  # a checkpoint's trained weights: a peft adapter, or the whole model when fully finetuned
+
+
+def make_optimizer(params, cfg):
+    """AdamW with a per-step CosineAnnealingLR (SPEC.md 0.3), from any config with lr, betas, eps, weight_decay,
+    t_max and eta_min."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.t_max, eta_min=cfg.eta_min)
+    return optimizer, scheduler
+
+
+def check_finite(loss: torch.Tensor, desc: str, step: int, last_good: Path | None) -> None:
+    """Stop at a NaN or infinite loss, naming the step and the checkpoint to go back to."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}; "
+                                 f"last good checkpoint: {last_good or 'none'}")
+
+
+def step_of(ckpt: Path) -> int:
+    return int(ckpt.name.split("-")[1])
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    done = sorted(p for p in Path(out_dir).glob("checkpoint-*") if (p / "trainer_state.pt").exists())
+    return done[-1] if done else None
+
+
+def is_finished(out_dir: Path, cfg) -> bool:
+    """Whether `out_dir` holds a checkpoint at or past `cfg.total_steps`."""
+    ckpt = latest_checkpoint(out_dir)
+    return ckpt is not None and step_of(ckpt) >= cfg.total_steps
+
+
+def save_checkpoint(model, optimizer, scheduler, step: int, history: list[dict], out_dir: Path,
+                    modules: dict[str, torch.nn.Module] | None = None, loop_state: Any = None) -> Path:
+    """Write into a temp folder, then rename: a crash mid-save never leaves a checkpoint that looks complete.
+    `modules` are extra trained parts saved beside the weights (PPO's value head); `loop_state` is whatever the
+    training loop needs to continue exactly (its prompt order, its numpy generator)."""
+    final = Path(out_dir) / f"checkpoint-{step:06d}"
+    tmp = Path(out_dir) / f".tmp-checkpoint-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / WEIGHTS)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "history": history, "torch_rng": torch.get_rng_state(), "loop_state": loop_state,
+                "modules": {k: m.state_dict() for k, m in (modules or {}).items()}}, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(model, optimizer, scheduler, ckpt: Path, modules: dict[str, torch.nn.Module] | None = None
+                    ) -> tuple[int, list[dict], Any]:
+    """Restore everything `save_checkpoint` wrote; returns (step, history, loop_state)."""
+    from safetensors.torch import load_file
+
+    adapter = ckpt / WEIGHTS / "adapter_model.safetensors"
+    if adapter.exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(adapter))
+    else:
+        model.load_state_dict(load_file(ckpt / WEIGHTS / "model.safetensors"), strict=False)
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    for k, m in (modules or {}).items():
+        m.load_state_dict(state["modules"][k])
+    return state["step"], state["history"], state["loop_state"]
