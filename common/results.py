@@ -63,13 +63,14 @@ class Claim:
     statement: str
     value: float
     threshold: float
-    op: str  # ">=" or "<="
+    op: str  # ">=", "<=", ">" or "<"
 
     @property
     def passed(self) -> bool:
         if self.value is None or (isinstance(self.value, float) and math.isnan(self.value)):
             return False
-        return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
+        return {">=": self.value >= self.threshold, "<=": self.value <= self.threshold,
+                ">": self.value > self.threshold, "<": self.value < self.threshold}[self.op]
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "statement": self.statement, "value": _round(self.value),
@@ -83,8 +84,8 @@ def _round(x: float) -> float | None:
 
 
 def claim(id: str, statement: str, value: float, op: str, threshold: float) -> Claim:
-    if op not in (">=", "<="):
-        raise ValueError(f"claim {id}: op must be '>=' or '<=', got {op!r}")
+    if op not in (">=", "<=", ">", "<"):
+        raise ValueError(f"claim {id}: op must be one of >=, <=, >, <; got {op!r}")
     return Claim(id=id, statement=statement, value=float(value), threshold=threshold, op=op)
 
 
@@ -172,7 +173,8 @@ def claims_markdown(results_root: Path, scale: str = "synthetic") -> str:
     rows: dict[str, dict] = {}
     for f in files:
         for c in json.loads(f.read_text())["claims"]:
-            row = rows.setdefault(c["id"], {"statement": f"{c['statement']} ({c['op']} {c['threshold']})"})
+            statement = f"{c['statement']} ({c['op']} {c['threshold']})".replace("|", "\\|")  # P(a | b) in a table
+            row = rows.setdefault(c["id"], {"statement": statement})
             value = "n/a" if c["value"] is None else f"{c['value']:.3f}"
             row[int(f.parent.name.removeprefix("seed"))] = f"{value} {'✅' if c['passed'] else '❌'}"
     lines = ["| claim | statement | " + " | ".join(f"seed {s}" for s in seeds) + " |",

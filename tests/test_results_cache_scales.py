@@ -41,7 +41,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 
 @pytest.mark.parametrize("value, op, threshold, passed", [
     (0.7, ">=", 0.7, True), (0.69, ">=", 0.7, False), (0.1, "<=", 0.1, True), (0.11, "<=", 0.1, False),
-    (float("nan"), ">=", 0.0, False),
+    (float("nan"), ">=", 0.0, False), (0.0, ">", 0.0, False), (0.01, ">", 0.0, True), (0.0, "<", 0.0, False),
 ])
 def test_claim_verdicts(value, op, threshold, passed):
     assert results.claim("c", "s", value, op, threshold).passed is passed
@@ -49,7 +49,7 @@ def test_claim_verdicts(value, op, threshold, passed):
 
 def test_claim_rejects_unknown_operator():
     with pytest.raises(ValueError):
-        results.claim("c", "s", 1.0, ">", 0.5)
+        results.claim("c", "s", 1.0, "=>", 0.5)
 
 
 def test_run_writes_claims_and_manifest(tmp_path):
@@ -95,10 +95,10 @@ def test_parse_run_args_prints_scale_first_and_picks_out_dir(capsys):
 def test_claims_markdown_has_one_row_per_claim_and_one_column_per_seed(tmp_path):
     for seed, value in ((0, 0.5), (1, 0.2)):
         results.write_json(tmp_path / "expX" / "synthetic" / f"seed{seed}" / "claims.json", {"claims": [
-            results.claim("fig.x", "x rises", value, ">=", 0.4).as_dict()]})
+            results.claim("fig.x", "P(x | y) rises", value, ">=", 0.4).as_dict()]})
     results.write_json(tmp_path / "expX" / "paper" / "seed0" / "claims.json", {"claims": []})
     assert results.claims_markdown(tmp_path).splitlines() == [
         "| claim | statement | seed 0 | seed 1 |",
         "|---|---|---|---|",
-        "| `fig.x` | x rises (>= 0.4) | 0.500 ✅ | 0.200 ❌ |",
+        "| `fig.x` | P(x \\| y) rises (>= 0.4) | 0.500 ✅ | 0.200 ❌ |",  # a bare | would split the cell
     ]
