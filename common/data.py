@@ -82,3 +82,58 @@ def triviaqa_records(rows: Iterable[dict]) -> list[tasks.QAQuestion]:
 def load_triviaqa(source: str = TRIVIAQA_SOURCE, config: str = TRIVIAQA_CONFIG) -> dict[str, list[tasks.QAQuestion]]:
     """{"finetune": train, "eval": validation} as QAQuestion lists."""
     return {role: triviaqa_records(load_split(source, config, split)) for role, split in TRIVIAQA_SPLITS.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SimpleFact (SPEC.md 7.1): SimpleQA, PopQA, SelfAware and TriviaQA mixed evenly
+
+SIMPLEFACT_SOURCES = {  # name -> (Hub id or local folder, config, split)
+    "simpleqa": ("basicv8vc/SimpleQA", None, "test"),
+    "popqa": ("akariasai/PopQA", None, "test"),
+    "selfaware": ("selfaware", None, "train"),  # no Hub copy: a folder holding the authors' JSON as train.jsonl
+    "triviaqa": (TRIVIAQA_SOURCE, TRIVIAQA_CONFIG, "train"),
+}
+
+
+def simplefact_records(name: str, rows: Iterable[dict]) -> list[tasks.QAQuestion]:
+    """Each source's schema as QAQuestions. SimpleQA: problem, answer. PopQA: id, question, possible_answers (a
+    JSON list in a string). SelfAware: question_id, question, answer (a list, or null), answerable; an
+    unanswerable question gets an empty value (no response can be correct). TriviaQA: as `triviaqa_records`."""
+    import json
+
+    if name == "triviaqa":
+        return triviaqa_records(rows)
+    out = []
+    for i, row in enumerate(rows):
+        if name == "simpleqa":
+            out.append(tasks.QAQuestion(row["problem"], f"simpleqa/{i}", row["answer"]))
+        elif name == "popqa":
+            answers = row["possible_answers"]
+            answers = json.loads(answers) if isinstance(answers, str) else list(answers)
+            out.append(tasks.QAQuestion(row["question"], f"popqa/{row['id']}", answers[0], tuple(answers[1:])))
+        elif name == "selfaware":
+            answers = list(row.get("answer") or []) if row.get("answerable", True) else []
+            out.append(tasks.QAQuestion(row["question"], f"selfaware/{row['question_id']}",
+                                        answers[0] if answers else "", tuple(answers[1:])))
+        else:
+            raise ValueError(f"unknown SimpleFact source {name!r}; expected one of {list(SIMPLEFACT_SOURCES)}")
+    return out
+
+
+def load_simplefact_mix(sources: dict[str, str] | None = None, per_source: int = 4000, eval_per_source: int = 15,
+                        seed: int = 0) -> dict[str, list[tasks.QAQuestion]]:
+    """{"finetune": ..., "eval": ...}: from each source (its Hub id or a local folder, `sources` overriding
+    SIMPLEFACT_SOURCES' locations) `eval_per_source` held-out questions and the same number of training ones,
+    `per_source` or what the smallest source has left, drawn at random (seeded), so the sources are mixed evenly."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 70])
+    records = {name: simplefact_records(name, load_split((sources or {}).get(name, source), config, split))
+               for name, (source, config, split) in SIMPLEFACT_SOURCES.items()}
+    n_train = min(per_source, *(len(r) - eval_per_source for r in records.values()))
+    splits: dict[str, list[tasks.QAQuestion]] = {"finetune": [], "eval": []}
+    for rows in records.values():
+        order = rng.permutation(len(rows))
+        splits["eval"] += [rows[i] for i in order[:eval_per_source]]
+        splits["finetune"] += [rows[i] for i in order[eval_per_source : eval_per_source + n_train]]
+    return splits

@@ -32,7 +32,8 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def load_hf_model(model_id: str, dtype: torch.dtype | None = None, device: str | None = None):
+def load_hf_model(model_id: str, dtype: torch.dtype | None = None, device: str | None = None,
+                  revision: str | None = None):
     """A pretrained causal LM and its tokenizer from the Hub (or a local folder).
 
     A model that cannot be fetched (gated, misspelt, offline) raises a one-line UsageError saying what to do.
@@ -40,14 +41,13 @@ def load_hf_model(model_id: str, dtype: torch.dtype | None = None, device: str |
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype or "auto")
+        tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype or "auto", revision=revision,
+                                                     device_map=device)
     except (OSError, ValueError) as exc:
         raise UsageError(
             f"could not load model {model_id!r} ({type(exc).__name__}): check the id, run `hf auth login` and "
             f"accept its licence if it is gated, or point to a local copy") from None
-    if device:
-        model.to(device)
     model.eval()
     return model, prepare_tokenizer(tokenizer)
 
@@ -65,19 +65,21 @@ class Base:
     world: object = None
 
 
-def load_base(scale: str, preset: str, seed: int, model_id: str = PAPER_BASE_MODEL,
+def load_base(scale: str, preset: str, seed: int, model_id: str = PAPER_BASE_MODEL, revision: str | None = None,
               cache_hits: dict | None = None) -> Base:
-    """Paper scale: a Hub model in bf16 on the GPU. Synthetic scale (and the micro preset): the world's model,
-    built or loaded from the cache; its questions come from `world.mmlu_splits()` / `world.triviaqa_splits()`."""
-    if scale == "synthetic" or preset == "micro":
+    """Paper scale: a Hub model (or a local folder) in bf16 on the GPU. Synthetic scale: the world's model (the
+    micro preset's tiny world for tests), built or loaded from the cache; its questions come from
+    `world.mmlu_splits()` / `world.triviaqa_splits()`."""
+    if scale == "synthetic":
         from common import world as synthetic
 
         w = synthetic.load_or_build_world(synthetic.world_preset("synthetic", preset), seed, cache_hits)
         return Base(model=w.model, tokenizer=w.tokenizer, key=f"world-{w.path.name}", world=w)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_hf_model(model_id, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
-                                     device=device)
-    return Base(model=model, tokenizer=tokenizer, key=model_id)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    # Loaded straight onto the device in its dtype; both and the revision name every cache entry built on it.
+    model, tokenizer = load_hf_model(model_id, dtype=dtype, device=device, revision=revision)
+    return Base(model=model, tokenizer=tokenizer, key=f"{model_id}@{revision or 'main'}:{str(dtype).split('.')[-1]}")
 
 
 def add_lora(model, settings: LoraSettings = LoraSettings()):

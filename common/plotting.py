@@ -147,3 +147,52 @@ def reward_lines(table, title: str, path: Path, at_bin_index: bool = False,
         ax.set_title(title, fontweight="bold")
         ax.legend(frameon=False, loc="best")
         save_figure(fig, path)
+
+
+SETTING_COLORS = {"fact": "tab:green", "caution": "tab:blue", "both": "tab:purple", "fact-then-caution": "tab:orange"}
+DECOMPOSITION_COLORS = {"All Correct": "tab:green", "Partial Correct": "yellowgreen", "Partial NotAttempt": "khaki",
+                        "All NotAttempt": "tab:blue", "All Attempt and Wrong": "tab:red"}
+
+
+def simplefact_figures(curves: dict, tradeoff, out_dir: Path) -> None:
+    """SimpleFact's figures (SPEC.md 7.6): `reward_curves.png` (training reward per rollout step and eval reward
+    per evaluation, one colour per setting), `tradeoff.png` (accuracy vs not-attempt rate of the cold start under
+    each prompt, joined in order of caution, with the RL policies overlaid) and `settings.png` (the final 5-way
+    decomposition of each setting side by side)."""
+    with paper_style(font_size=12):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        for setting, c in curves.items():
+            color = SETTING_COLORS[setting]
+            train = c[c.step > 0]
+            axes[0].plot(train.step, train.reward, color=color, alpha=0.8, linewidth=1.2, label=setting)
+            ev = c.dropna(subset=["eval_reward"])
+            axes[1].plot(ev.step, ev.eval_reward, "-o", color=color, markersize=5, label=setting)
+        axes[0].set(title="Training reward", xlabel="GRPO step", ylabel="Mean group reward")
+        axes[1].set(title="Evaluation reward", xlabel="GRPO step")
+        axes[1].legend(frameon=False)
+        save_figure(fig, out_dir / "reward_curves.png")
+
+        fig, ax = plt.subplots(figsize=(5.5, 4.2))
+        prompts = tradeoff[tradeoff.policy == "cold start"].sort_values("not_attempt")
+        ax.plot(prompts.not_attempt, prompts.accuracy, "--o", color="gray", markersize=8, label="prompts (cold start)")
+        for _, row in prompts.iterrows():
+            ax.annotate(row.prompt, (row.not_attempt, row.accuracy), textcoords="offset points", xytext=(6, 4))
+        for _, row in tradeoff[tradeoff.policy != "cold start"].iterrows():
+            setting = row.policy.removeprefix("RL (").removesuffix(")")
+            ax.plot(row.not_attempt, row.accuracy, "*", markersize=16, color=SETTING_COLORS[setting], label=row.policy)
+        ax.set(xlabel="Not-attempt rate", ylabel="Accuracy", title="Accuracy vs caution")
+        ax.legend(frameon=False, fontsize=9)
+        save_figure(fig, out_dir / "tradeoff.png")
+
+        finals = {s: c.dropna(subset=["eval_reward"]).iloc[-1] for s, c in curves.items()}
+        fig, ax = plt.subplots(figsize=(7, 4))
+        x = np.arange(len(finals))
+        bottom = np.zeros(len(finals))
+        for column, color in DECOMPOSITION_COLORS.items():
+            values = np.array([row[column] for row in finals.values()])
+            ax.bar(x, values, bottom=bottom, color=color, edgecolor="black", label=column)
+            bottom += values
+        ax.set_xticks(x, list(finals))
+        ax.set(ylabel="Questions (%)", title="Final evaluation by reward setting", ylim=(0, 100))
+        ax.legend(frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        save_figure(fig, out_dir / "settings.png")

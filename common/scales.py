@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 class UsageError(SystemExit):
-    """An error the user caused: printed as one line, exit status 2, no traceback."""
+    """An error the user caused: printed as one line (`error: ...`), exit status 1, no traceback."""
 
     def __init__(self, message: str):
         super().__init__(f"error: {message}")
@@ -65,6 +65,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: results/<experiment>/<scale>/seed<N>)")
     parser.add_argument("--resume", action="store_true", help="resume training from the last checkpoint")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="let --scale paper run without CUDA (tests and debugging only)")
     parser.add_argument("--preset", default="default", choices=PRESETS, help=argparse.SUPPRESS)
 
 
@@ -72,6 +74,9 @@ def parse_run_args(experiment: str, parser: argparse.ArgumentParser, argv=None) 
     """Parse flags, resolve the scale, announce it on the first line and set up logging."""
     args = parser.parse_args(argv)
     scale, why = resolve_scale(args.scale)
+    if scale == "paper" and not args.allow_cpu and not cuda_available():
+        raise UsageError("--scale paper needs a CUDA GPU: a 7B model in fp32 on a CPU would take days; use --scale "
+                         "synthetic, or pass --allow-cpu to run anyway")
     print(f"scale: {scale} ({why}); preset: {args.preset}; seed: {args.seed}", flush=True)
     setup_logging()
     folder = scale if args.preset == "default" else f"{scale}-{args.preset}"

@@ -21,10 +21,11 @@ def make_optimizer(params, cfg):
     return optimizer, scheduler
 
 
-def check_finite(loss: torch.Tensor, desc: str, step: int, last_good: Path | None) -> None:
-    """Stop at a NaN or infinite loss, naming the step and the checkpoint to go back to."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}; "
+def check_finite(value: torch.Tensor, desc: str, step: int, last_good: Path | None, what: str = "loss") -> None:
+    """Stop at a NaN or infinite loss (or gradient norm, before the optimizer steps on it), naming the step and the
+    checkpoint to go back to."""
+    if not torch.isfinite(value):
+        raise FloatingPointError(f"{desc}: {what} is {value.item()} at step {step}; "
                                  f"last good checkpoint: {last_good or 'none'}")
 
 
@@ -32,8 +33,13 @@ def step_of(ckpt: Path) -> int:
     return int(ckpt.name.split("-")[1])
 
 
+def checkpoints(out_dir: Path) -> list[Path]:
+    """The complete checkpoints in `out_dir`, oldest first."""
+    return sorted(p for p in Path(out_dir).glob("checkpoint-*") if (p / "trainer_state.pt").exists())
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    done = sorted(p for p in Path(out_dir).glob("checkpoint-*") if (p / "trainer_state.pt").exists())
+    done = checkpoints(out_dir)
     return done[-1] if done else None
 
 
@@ -44,20 +50,26 @@ def is_finished(out_dir: Path, cfg) -> bool:
 
 
 def save_checkpoint(model, optimizer, scheduler, step: int, history: list[dict], out_dir: Path,
-                    modules: dict[str, torch.nn.Module] | None = None, loop_state: Any = None) -> Path:
+                    modules: dict[str, torch.nn.Module] | None = None, loop_state: Any = None,
+                    keep_last: int | None = None) -> Path:
     """Write into a temp folder, then rename: a crash mid-save never leaves a checkpoint that looks complete.
     `modules` are extra trained parts saved beside the weights (PPO's value head); `loop_state` is whatever the
-    training loop needs to continue exactly (its prompt order, its numpy generator)."""
+    training loop needs to continue exactly (its prompt order, its numpy generator); `keep_last` prunes older
+    checkpoints (a fully finetuned 7B model with its optimizer state is about 45 GB each)."""
     final = Path(out_dir) / f"checkpoint-{step:06d}"
     tmp = Path(out_dir) / f".tmp-checkpoint-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp / WEIGHTS)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "history": history, "torch_rng": torch.get_rng_state(), "loop_state": loop_state,
+                "history": history, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "loop_state": loop_state,
                 "modules": {k: m.state_dict() for k, m in (modules or {}).items()}}, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    if keep_last is not None:
+        for old in checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -77,6 +89,8 @@ def load_checkpoint(model, optimizer, scheduler, ckpt: Path, modules: dict[str, 
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():  # rollouts sample on the GPU
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     for k, m in (modules or {}).items():
         m.load_state_dict(state["modules"][k])
     return state["step"], state["history"], state["loop_state"]

@@ -24,7 +24,7 @@ from common import (cache, data, evaluation, models, plotting, results, sampling
                     training, unfamiliarity)
 from common.buckets import Bins, occupied  # noqa: E402
 from common.rl import ppo  # noqa: E402
-from common.rl.rewards import reward  # noqa: E402
+from common.rl.rewards import MALFORMED_REWARD, REWARDS, reward  # noqa: E402
 
 EXPERIMENT = "exp03_rl_abstain"
 REWARD_NUMBER = {"first": 1, "second": 2}
@@ -45,14 +45,7 @@ class Exp3Config:
     # answering questions the base model never knew.
     sft_init_fraction: float | None = None
     mmlu_scoring: str = "letter"
-    # The letter (SPEC.md section 4); at synthetic scale the option's text: a model that cannot bind letters to
-    # options (exp01's README) would sample inconsistent "text (L)" answers, malformed at -6 each.
-    answer: str = "letter"
-    # Synthetic scale: the MMLU policy's first token is restricted to the answers on offer (the four options and
-    # E). A model that cannot read its options samples values that are not among them (a third of its answers
-    # to familiar questions), each malformed at -6, and PPO learns to abstain everywhere; restricted, it is a
-    # five-way choice like the paper's letter policy, and PPO's log-probs use the same restriction.
-    restrict_to_options: bool = False
+    answer: str = "letter"  # the MMLU answer format, one of tasks.MC_ANSWER_FORMATS
     nll_bins: tuple[float, ...] = (0, 0.02, 0.5, 1, 1.5, 2)
     triviaqa_scoring: unfamiliarity.QAScoringSettings = field(default_factory=unfamiliarity.QAScoringSettings)
     incorrect_bins: tuple[int, ...] = (1, 3, 5, 7, 9, 11, 13)
@@ -85,7 +78,7 @@ PRESETS = {
         triviaqa_ppo=ppo.PPOConfig(lr=3e-3, eta_min=3e-3, cliprange=0.2, total_steps=480, num_rollouts=512,
                                    chunk_size=256, batch_size=128, ppo_epochs=4, vf_only_steps=16,
                                    init_kl_coef=0.1, max_new_tokens=12, checkpoint_every=160, eval_every=80),
-        sft_init_fraction=0.5, mmlu_scoring="cloze", answer="text", restrict_to_options=True,
+        sft_init_fraction=0.5, mmlu_scoring="cloze", answer="text",
         nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 2.0),
         triviaqa_scoring=unfamiliarity.QAScoringSettings(max_new_tokens=6, batch_size=64),
         incorrect_bins=(0, 2, 4, 6, 8, 10, 13), eval_batch_size=128,
@@ -97,7 +90,7 @@ PRESETS = {
         triviaqa_ppo=ppo.PPOConfig(lr=1e-3, eta_min=1e-3, total_steps=4, num_rollouts=4, chunk_size=4,
                                    batch_size=2, ppo_epochs=1, vf_only_steps=2, init_kl_coef=0.1,
                                    max_new_tokens=4, checkpoint_every=2, eval_every=2),
-        mmlu_scoring="cloze", answer="text", restrict_to_options=True, nll_bins=(0, 0.5, 1.0, 5.0),
+        mmlu_scoring="cloze", answer="text", nll_bins=(0, 0.5, 1.0, 5.0),
         incorrect_bins=(0, 2, 4),
         triviaqa_scoring=unfamiliarity.QAScoringSettings(n_samples=3, max_new_tokens=4, batch_size=32),
         eval_sampling=sampling.SamplingConfig(max_new_tokens=6, temperature=1.0, batch_size=32),
@@ -124,15 +117,20 @@ def init_and_rl_questions(n: int, fraction: float | None, rng: np.random.Generat
     return sorted(order[:cut]), sorted(order[cut:])
 
 
-def train_policy(policy, init_key: str, tokenizer, prompts: list[str], score, cfg: ppo.PPOConfig, name: str, run,
-                 seed: int, resume: bool, evaluate, first_tokens: list[list[int]] | None = None) -> None:
-    """PPO (cached by the starting point, the settings, the prompts, the first-token restriction and the reward),
-    with training curves."""
-    out_dir = cache.cache_dir("ppo", init_key, name, cfg, seed, prompts, first_tokens)
-    run.cache_hits[f"ppo_{name}"] = training.is_finished(out_dir, cfg)
+def train_policy(policy, init_key: str, tokenizer, prompts: list[str], score, cfg: Exp3Config, task: str,
+                 reward_name: str, run, seed: int, resume: bool, evaluate) -> None:
+    """PPO with training curves, cached under a key naming everything the cached run depends on: the starting
+    point, the PPO settings, the prompts, the reward table and the grader's answer format, and the curve
+    evaluations' settings (their results live in the cached history)."""
+    ppo_cfg = cfg.mmlu_ppo if task == "mmlu" else cfg.triviaqa_ppo
+    name = f"{task}_rl{REWARD_NUMBER[reward_name]}"
+    out_dir = cache.cache_dir("ppo", init_key, name, ppo_cfg, seed, prompts, REWARDS[reward_name],
+                              MALFORMED_REWARD[task], cfg.answer if task == "mmlu" else "triviaqa",
+                              cfg.eval_sampling, cfg.eval_batch_size, cfg.curve_eval_questions)
+    run.cache_hits[f"ppo_{name}"] = training.is_finished(out_dir, ppo_cfg)
     with run.stage(f"ppo_{name}"):
-        _, curves = ppo.train_ppo(policy, tokenizer, prompts, score, cfg, out_dir, seed, resume=resume,
-                                  evaluate=evaluate, desc=f"PPO {name}", first_tokens=first_tokens)
+        _, curves = ppo.train_ppo(policy, tokenizer, prompts, score, ppo_cfg, out_dir, seed, resume=resume,
+                                  evaluate=evaluate, desc=f"PPO {name}")
     run.write_csv(f"{name}_curves.csv", curves)
     plot_curves(curves, name, run.path(f"{name}_curves.png"))
 
@@ -191,13 +189,9 @@ def run_mmlu(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
         return {"abstain_rate": frame.p_E.mean(),
                 "correct_rate": np.where(frame["gt"] == "A", frame.p_A, frame.p_B).mean()}
 
-    first_tokens = None
-    if cfg.restrict_to_options:
-        first_tokens = [sampling.first_token_ids(base.tokenizer, [*options[i], tasks.ABSTAIN_LETTER],
-                                                  distinct=False) for i in rl]
     name = f"mmlu_rl{REWARD_NUMBER[reward_name]}"
-    train_policy(policy, init_key, base.tokenizer, [prompts[i] for i in rl], score, cfg.mmlu_ppo, name, run,
-                 run_args.seed, run_args.resume, curve_point, first_tokens)
+    train_policy(policy, init_key, base.tokenizer, [prompts[i] for i in rl], score, cfg, "mmlu", reward_name, run,
+                 run_args.seed, run_args.resume, curve_point)
     with run.stage(f"evaluate_{name}"):
         tables = evaluation.mmlu_panel_tables(answer_distribution(eval_questions, nll_eval),
                                               Bins(cfg.nll_bins, closed="open"))
@@ -243,8 +237,8 @@ def run_triviaqa(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
         return {"abstain_rate": frame.idk.mean(), "correct_rate": frame.correct.mean()}
 
     name = f"triviaqa_rl{REWARD_NUMBER[reward_name]}"
-    train_policy(policy, init_key, base.tokenizer, [prompts[i] for i in rl], score, cfg.triviaqa_ppo, name, run,
-                 run_args.seed, run_args.resume, curve_point)
+    train_policy(policy, init_key, base.tokenizer, [prompts[i] for i in rl], score, cfg, "triviaqa", reward_name,
+                 run, run_args.seed, run_args.resume, curve_point)
     with run.stage(f"evaluate_{name}"):
         frame = outcomes(eval_questions, incorrect_eval)
     run.write_csv(f"{name}_generations.csv", frame)

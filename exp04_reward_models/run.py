@@ -32,6 +32,9 @@ class Exp4Config:
     mmlu_sft: sft.SFTConfig
     triviaqa_sft: sft.SFTConfig
     lora: models.LoraSettings = field(default_factory=models.LoraSettings)
+    # "direct": the paper's True/False after the candidate; "recall": recall-then-judge, the synthetic scale's
+    # deviation (`common.reward_model`; README "The synthetic world")
+    reward_format: str = "direct"
     mmlu_scoring: str = "letter"  # how the base model's unfamiliarity is read (SPEC.md 1.1)
     mmlu_answer: str = "letter"  # the candidate answer in the prompt, one of tasks.MC_ANSWER_FORMATS
     triviaqa_scoring: unfamiliarity.QAScoringSettings = field(default_factory=unfamiliarity.QAScoringSettings)
@@ -59,11 +62,13 @@ PRESETS = {
     # The synthetic tokenizer knows only the written forms of answers (no lowercase city names), and its model
     # cannot bind letters to options (exp01 README), so candidates are written as the option's text.
     "synthetic": Exp4Config(
-        mmlu_sft=sft.SYNTHETIC_SFT, triviaqa_sft=sft.SYNTHETIC_SFT, mmlu_scoring="cloze", mmlu_answer="text",
+        mmlu_sft=sft.SYNTHETIC_SFT, triviaqa_sft=sft.SYNTHETIC_SFT, reward_format="recall", mmlu_scoring="cloze",
+        mmlu_answer="text",
         triviaqa_scoring=unfamiliarity.QAScoringSettings(max_new_tokens=6, batch_size=64), normalize_answers=False,
         nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 2.0), incorrect_bins=(0, 2, 4, 6, 8, 10, 13), eval_batch_size=256),
     "micro": Exp4Config(
-        mmlu_sft=sft.MICRO_SFT, triviaqa_sft=sft.MICRO_SFT, lora=models.MICRO_LORA, mmlu_scoring="cloze",
+        mmlu_sft=sft.MICRO_SFT, triviaqa_sft=sft.MICRO_SFT, lora=models.MICRO_LORA, reward_format="recall",
+        mmlu_scoring="cloze",
         mmlu_answer="text", triviaqa_scoring=unfamiliarity.QAScoringSettings(n_samples=3, max_new_tokens=4,
                                                                              batch_size=32),
         normalize_answers=False, wrong_answer_rounds=2, nll_bins=(0, 0.5, 1.0, 5.0), incorrect_bins=(0, 2, 4),
@@ -111,6 +116,7 @@ def mmlu_examples(questions: list[tasks.MCQuestion], familiar: np.ndarray, distr
         choices = tasks.place_correct(questions[i], correct, rng)
         prompts.append(tasks.mmlu_rm_prompt(questions[i].question, choices,
                                             mmlu_candidate(choices, correct, reward, cfg.mmlu_answer, rng)))
+    rows["recalled"] = [questions[i].correct_text for i in rows.question]  # what a recall-then-judge RM writes
     return prompts, rows
 
 
@@ -129,6 +135,7 @@ def triviaqa_examples(questions: list[tasks.QAQuestion], unfamiliar: np.ndarray,
     rows = composition(fam_idx, unf_idx, distribution, cfg.authors_composition, rng)
     prompts = [tasks.triviaqa_rm_prompt(questions[i].question, questions[i].value if reward else wrong[i],
                                         cfg.normalize_answers) for i, reward in zip(rows.question, rows.reward)]
+    rows["recalled"] = [questions[i].value for i in rows.question]
     return prompts, rows
 
 
@@ -136,11 +143,12 @@ def triviaqa_examples(questions: list[tasks.QAQuestion], unfamiliar: np.ndarray,
 # Evaluation: every held-out question with its right and a wrong answer
 
 def evaluate(model, tokenizer, ids: list[str], right: list[str], wrong: list[str | None], scores: np.ndarray,
-             bins: Bins, batch_size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+             bins: Bins, batch_size: int, reward_format: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per question P(reward 1) for the right answer and for the wrong one (NaN where there is none), and the
     per-bin table the figure plots."""
     has_wrong = [w is not None for w in wrong]
-    p = reward_model.predict(model, tokenizer, right + [w for w in wrong if w is not None], batch_size)
+    p = reward_model.predict(model, tokenizer, right + [w for w in wrong if w is not None], batch_size,
+                             reward_format)
     frame = pd.DataFrame({"question": ids, "score": scores, "p_right": p[: len(right)], "p_wrong": np.nan})
     frame.loc[has_wrong, "p_wrong"] = p[len(right):]
     return frame, summarize_by_bin(frame, "score", bins, ["p_right", "p_wrong"])
@@ -214,10 +222,12 @@ def train_and_evaluate(task: str, distribution: int, prompts: list[str], rows: p
     name = f"{task}_rm{distribution}"
     run.extra[f"{name}_examples"] = {group: rows[rows.familiar == (group == "familiar")].reward.value_counts()
                                      .sort_index().to_dict() for group in ("familiar", "unfamiliar")}
+    recalled = rows.recalled.tolist() if cfg.reward_format == "recall" else None
     model = reward_model.train(base, cfg.lora, sft_cfg, prompts, rows.reward.tolist(), name, run,
-                               seed=run_args.seed, resume=run_args.resume)
+                               seed=run_args.seed, resume=run_args.resume, recalled=recalled)
     with run.stage(f"evaluate_{name}"):
-        frame, table = evaluate(model, base.tokenizer, ids, right, wrong, scores, bins, cfg.eval_batch_size)
+        frame, table = evaluate(model, base.tokenizer, ids, right, wrong, scores, bins, cfg.eval_batch_size,
+                                cfg.reward_format)
         base.model = model.unload()
     run.write_csv(f"{name}_predictions.csv", frame)
     run.write_csv(f"{name}.csv", table)

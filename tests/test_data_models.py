@@ -1,3 +1,5 @@
+from collections import Counter
+
 import pytest
 import torch
 
@@ -63,3 +65,34 @@ def test_lora_targets_q_and_v_only_with_hand_counted_parameters(tiny_tokenizer):
     before = model(torch.tensor([[4, 5, 6]])).logits
     merged = models.merge_lora(model)  # B starts at zero, so merging a fresh adapter changes nothing
     assert torch.allclose(before, merged(torch.tensor([[4, 5, 6]])).logits, atol=1e-6)
+
+
+def test_simplefact_mix_reads_each_source_in_its_schema_and_mixes_them_evenly():
+    folder = FIXTURES / "simplefact"
+    sources = {name: str(folder / name) for name in data.SIMPLEFACT_SOURCES}
+    splits = data.load_simplefact_mix(sources, per_source=2, eval_per_source=1, seed=0)
+    assert len(splits["eval"]) == 4 and len(splits["finetune"]) == 8
+    # asking for more than the smallest source holds (3 records, 1 held out) keeps the mix even: 2 per source
+    uneven = data.load_simplefact_mix(sources, per_source=5, eval_per_source=1, seed=0)
+    assert Counter(q.question_id.split("/")[0][:3] for q in uneven["finetune"]) == {"sim": 2, "pop": 2, "sel": 2,
+                                                                                     "tc_": 2}
+    prefixes = [q.question_id.split("/")[0] for q in splits["eval"]]
+    assert prefixes[:3] == ["simpleqa", "popqa", "selfaware"] and prefixes[3].startswith("tc_")
+    everything = {q.question: q for q in splits["eval"] + splits["finetune"]}
+    if "What is George Rankin's occupation?" in everything:
+        q = everything["What is George Rankin's occupation?"]
+        assert (q.value, q.aliases) == ("politician", ("political leader", "political figure"))
+    mars = data.simplefact_records("selfaware", [{"question_id": 2, "question": "Mars?", "answer": None,
+                                                  "answerable": False}])[0]
+    assert mars.value == "" and mars.aliases == ()
+    hamlet = data.simplefact_records("selfaware", [{"question_id": 3, "question": "Who wrote Hamlet?",
+                                                    "answer": ["William Shakespeare", "Shakespeare"],
+                                                    "answerable": True}])[0]
+    assert (hamlet.value, hamlet.aliases) == ("William Shakespeare", ("Shakespeare",))
+
+
+def test_a_simplefact_source_that_cannot_be_fetched_is_one_line_naming_it(tmp_path):
+    with pytest.raises(SystemExit, match="selfaware"):
+        data.load_simplefact_mix({"simpleqa": str(FIXTURES / "simplefact" / "simpleqa"),
+                                  "popqa": str(FIXTURES / "simplefact" / "popqa"),
+                                  "selfaware": str(tmp_path / "selfaware")})

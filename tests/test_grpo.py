@@ -28,6 +28,11 @@ def test_k3_kl_by_hand():
     # d = ref - logp = 1, 0, -2: e - 2, 0, e^-2 + 1
     assert grpo.k3_kl(ref, logp).tolist() == pytest.approx([math.e - 2, 0.0, math.exp(-2) + 1])
     assert grpo.k3_kl(torch.tensor([20.0]), torch.tensor([0.0]), clamp=10.0).tolist() == [10.0]
+    # a sequence that drifted far: exp(200) is inf in fp32, yet the clamped estimate and its gradient stay finite
+    logp = torch.tensor([-200.0], requires_grad=True)
+    kl = grpo.k3_kl(torch.tensor([0.0]), logp, clamp=10.0)
+    kl.sum().backward()
+    assert kl.item() == 10.0 and torch.isfinite(logp.grad).all()
 
 
 def test_clipped_surrogate_with_sequence_ratio_by_hand():
@@ -40,6 +45,9 @@ def test_clipped_surrogate_with_sequence_ratio_by_hand():
     expected = [-1.05, 0.95, -2 * math.exp(0.01)]
     assert loss.item() == pytest.approx(sum(expected) / 3, abs=1e-6)
     assert stats["clipfrac"] == pytest.approx(2 / 3) and stats["kl"] == pytest.approx(0.0, abs=1e-7)
+    # ratio 0.819 with A > 0: outside the range, but the min keeps the unclipped term, so nothing is clipped
+    _, stats = grpo.grpo_loss(torch.tensor([-0.2]), torch.tensor([0.0]), None, torch.tensor([1.0]), 0.05, 0.0)
+    assert stats["clipfrac"] == 0.0
     # with a reference that differs, the mean k3 term is added with its coefficient
     loss_kl, stats = grpo.grpo_loss(logprob, old, ref - 1.0, advantages, clip_eps=0.05, kl_coef=0.5)
     assert stats["kl"] == pytest.approx(math.exp(-1) + 1 - 1)
@@ -80,7 +88,7 @@ def test_old_logprobs_do_not_depend_on_what_shares_the_batch(tiny_tokenizer):
     assert together[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
 
 
-def reward_paris(i, texts):
+def reward_paris(step, i, texts):
     return [1.0 if t.startswith(" Paris") else 0.0 for t in texts]
 
 
@@ -117,7 +125,7 @@ def test_a_resumed_run_continues_exactly(tiny_tokenizer, tmp_path):
 
 
 def test_a_non_finite_loss_names_the_step_and_the_last_good_checkpoint(tiny_tokenizer, tmp_path):
-    def nan_reward(i, texts):
+    def nan_reward(step, i, texts):
         return [float("nan")] * len(texts)
 
     with pytest.raises(FloatingPointError, match="at step 1; last good checkpoint: none"):

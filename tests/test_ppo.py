@@ -1,10 +1,11 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from common import models
-from common.rl import ppo
+from common.rl import ppo, rollouts
 from conftest import tiny_llama
 
 T = torch.tensor
@@ -69,46 +70,13 @@ def test_kl0_quirk_gives_gradient_only_to_positive_advantages():
     assert stats["clipfrac"] == pytest.approx(0.5)
 
 
-def test_cut_response_at_eos_or_stop_string(tiny_tokenizer):
-    ids = tiny_tokenizer("Paris\nQ: Rome", add_special_tokens=False).input_ids  # " Paris" "\n" " Q" ...
-    eos = tiny_tokenizer.eos_token_id
-    assert ppo.cut_response(ids[:1] + [eos] + ids[1:], tiny_tokenizer, ()) == ids[:1] + [eos]
-    assert ppo.cut_response(ids, tiny_tokenizer, ("\n",)) == ids[:2]
-    assert ppo.cut_response(ids, tiny_tokenizer, ()) == ids
-
-
-def test_collate_aligns_responses_at_one_column():
-    rollouts = [ppo.Rollout([5, 6], [7], 0.0), ppo.Rollout([8], [9, 10, 11], 0.0)]
-    batch = ppo.collate(rollouts, pad_id=1)
+def test_collate_aligns_responses_at_one_column_and_counts_positions_from_real_tokens():
+    batch = rollouts.collate([rollouts.Rollout([5, 6], [7]), rollouts.Rollout([8], [9, 10, 11])], pad_id=1)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 1, 1], [1, 8, 9, 10, 11]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 2, 2], [0, 0, 1, 2, 3]]
     assert batch["mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
     assert batch["prompt_width"] == 2
-
-
-def test_restricted_first_token_is_renormalised_over_its_allowed_set():
-    logits = T([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
-    logp = torch.log_softmax(ppo.restrict_first_token(logits, [[0, 2], None]), -1)
-    close(logp[0, [0, 2]], [1 - math.log(math.e + math.e**3), 3 - math.log(math.e + math.e**3)])
-    assert torch.isinf(logp[0, [1, 3]]).all()
-    close(logp[1], torch.log_softmax(logits[1], -1).tolist())
-
-
-def test_sampling_and_log_probs_share_the_first_token_restriction(tiny_tokenizer):
-    torch.manual_seed(0)
-    model = tiny_llama(tiny_tokenizer, hidden=16)
-    allowed = tiny_tokenizer("Paris Rome", add_special_tokens=False).input_ids
-    prompts = ["Q: Where was Velorin born?\nA:"] * 16
-    cfg = ppo.PPOConfig(max_new_tokens=2)
-    pairs = ppo.generate_responses(model, tiny_tokenizer, prompts, cfg, [allowed] * 16)
-    assert {r[0] for _, r in pairs} <= set(allowed)
-    batch = ppo.collate([ppo.Rollout(p, r, 0.0, first_tokens=allowed) for p, r in pairs], tiny_tokenizer.pad_token_id)
-    logprobs, _ = ppo.forward_response(model, None, batch)
-    with torch.no_grad():
-        free = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    first = free[:, batch["prompt_width"] - 1]
-    expected = torch.log_softmax(first[:, allowed], -1)[torch.arange(16), [allowed.index(r[0]) for _, r in pairs]]
-    close(logprobs[:, 0], expected.tolist(), atol=1e-5)
 
 
 def test_value_head_sees_a_detached_hidden_state():
@@ -119,9 +87,11 @@ def test_value_head_sees_a_detached_hidden_state():
     assert head.mlp[0].weight.shape == (8, 4) and head.mlp[2].weight.shape == (1, 8)
 
 
-def _rewarding_paris(tokenizer, cfg, out_dir, evaluate=None, resume=False):
+PROMPTS = ["Q: Where was Velorin born?\nA:", "Q: Where was Tovtan born?\nA:", "A:"]
+
+
+def _rewarding_paris(tokenizer, cfg, out_dir, evaluate=None, resume=False, prompts=PROMPTS[:2]):
     policy = models.add_lora(tiny_llama(tokenizer, hidden=16), models.LoraSettings(r=4, alpha=8))
-    prompts = ["Q: Where was Velorin born?\nA:", "Q: Where was Tovtan born?\nA:"]
     seen = []
 
     def score(idx, texts):
@@ -174,3 +144,79 @@ def test_reward_tables():
     # a blind guess among four options: better than abstaining under reward first, worse under reward second
     guess = 0.25 * reward("correct", "first", "mmlu") + 0.75 * reward("incorrect", "first", "mmlu")
     assert guess == -1.75 and reward("idk", "first", "mmlu") < guess < reward("idk", "second", "mmlu")
+
+
+ROUNDS = ppo.PPOConfig(lr=1e-2, eta_min=1e-2, total_steps=12, num_rollouts=5, chunk_size=5, batch_size=2,
+                       ppo_epochs=2, vf_only_steps=1, max_new_tokens=3, checkpoint_every=6, eval_every=6,
+                       init_kl_coef=0.1)
+
+
+def test_each_ppo_epoch_is_one_permutation_of_the_store(tiny_tokenizer, tmp_path, monkeypatch):
+    used = []
+    real_step = ppo.ppo_step
+
+    def recording_step(policy, value_head, optimizer, tokenizer, minibatch, *args):
+        used.append([id(r) for r in minibatch])
+        return real_step(policy, value_head, optimizer, tokenizer, minibatch, *args)
+
+    monkeypatch.setattr(ppo, "ppo_step", recording_step)
+    _rewarding_paris(tiny_tokenizer, ROUNDS, tmp_path, prompts=PROMPTS)
+    # a store of 5 rollouts in minibatches of 2 gives 2 + 2 + 1 per epoch: 6 steps per round of 2 epochs
+    assert [len(m) for m in used] == [2, 2, 1] * 4
+    for round_ in range(2):
+        for epoch in range(2):
+            ids = [i for m in used[6 * round_ + 3 * epoch : 6 * round_ + 3 * epoch + 3] for i in m]
+            assert len(set(ids)) == 5  # every rollout exactly once per epoch
+
+
+def test_fresh_rollouts_have_ratio_one_and_no_kl(tiny_tokenizer, tmp_path):
+    cfg = ppo.PPOConfig(lr=1e-2, eta_min=1e-2, total_steps=1, num_rollouts=6, chunk_size=3, batch_size=4,
+                        ppo_epochs=1, vf_only_steps=0, max_new_tokens=4, init_kl_coef=0.1)
+    _, _, curves, _ = _rewarding_paris(tiny_tokenizer, cfg, tmp_path, prompts=PROMPTS)
+    # the minibatch mixes rollouts of two collection chunks, with other padding than either
+    first = curves.iloc[0]
+    assert first.ratio == pytest.approx(1.0, abs=1e-6) and first.clipfrac == 0.0
+    assert first.kl == pytest.approx(0.0, abs=1e-6)  # a fresh LoRA adapter is the reference
+
+
+def test_no_reference_pass_at_kl_coefficient_zero(tiny_tokenizer, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    def no_reference(self):
+        raise AssertionError("reference forward pass at KL coefficient 0")
+
+    monkeypatch.setattr(PeftModel, "disable_adapter", no_reference)
+    cfg = ppo.PPOConfig(lr=1e-2, eta_min=1e-2, total_steps=2, num_rollouts=4, chunk_size=2, batch_size=2,
+                        ppo_epochs=1, vf_only_steps=0, max_new_tokens=3, init_kl_coef=0.0)
+    _, _, curves, _ = _rewarding_paris(tiny_tokenizer, cfg, tmp_path)
+    assert (curves.kl == 0).all()
+    with pytest.raises(AssertionError, match="reference forward pass"):
+        _rewarding_paris(tiny_tokenizer, replace(cfg, init_kl_coef=0.1), tmp_path / "kl")
+
+
+def test_evaluations_do_not_change_the_rollouts(tiny_tokenizer, tmp_path):
+    from common import sampling
+
+    sampler = tiny_llama(tiny_tokenizer, hidden=16, seed=5)
+
+    def evaluate(step):  # seeded sampling, as the curve evaluations do
+        sampling.generate(sampler, tiny_tokenizer, ["A:"], sampling.SamplingConfig(max_new_tokens=2),
+                          generator_seed=123)
+        return {}
+
+    plain = _rewarding_paris(tiny_tokenizer, ROUNDS, tmp_path / "plain")[2]
+    evaluated = _rewarding_paris(tiny_tokenizer, ROUNDS, tmp_path / "evaluated", evaluate=evaluate)[2]
+    columns = ["mean_score", "kl", "pg_loss", "vf_loss"]
+    assert evaluated[evaluated.step > 0][columns].reset_index(drop=True).equals(plain[columns])
+
+
+def test_a_resumed_run_continues_exactly(tiny_tokenizer, tmp_path):
+    straight = _rewarding_paris(tiny_tokenizer, ROUNDS, tmp_path / "straight", prompts=PROMPTS)
+    # killed after its first round: that round's checkpoint (step 6) is the last one written
+    _rewarding_paris(tiny_tokenizer, replace(ROUNDS, total_steps=6), tmp_path / "resumed", prompts=PROMPTS)
+    resumed = _rewarding_paris(tiny_tokenizer, ROUNDS, tmp_path / "resumed", prompts=PROMPTS, resume=True)
+    columns = ["step", "mean_score", "kl", "pg_loss", "vf_loss"]
+    assert resumed[2][columns].equals(straight[2][columns])
+    assert resumed[3] == straight[3][5:]  # the second round's prompts, in the same order
+    for a, b in zip(straight[1].parameters(), resumed[1].parameters()):
+        assert torch.equal(a, b)

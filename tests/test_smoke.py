@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,3 +105,61 @@ def test_exp04_micro_run_writes_reward_curves_and_keeps_the_other_tasks_claims(t
     assert manifest["config"]["authors_composition"] is True
     for name in ("mmlu_rm1", "triviaqa_rm1", "triviaqa_rm2"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
+
+
+EXP06_CLAIMS = ["simplefact.eval_reward_rises", "simplefact.all_wrong_falls", "simplefact.partial_correct_drops",
+                "simplefact.filter_informative", "simplefact.caution_vs_fact", "simplefact.frontier"]
+
+
+def test_exp06_micro_run_writes_every_setting_and_the_figures(tmp_path):
+    run_module(["exp06_simplefact_grpo/run.py", "--scale", "synthetic"], tmp_path)
+    claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
+    assert [c["id"] for c in claims] == EXP06_CLAIMS
+    for setting in ("fact", "caution", "both", "fact-then-caution"):
+        table = pd.read_csv(tmp_path / f"decomposition_{setting}.csv")
+        columns = ["All Correct", "Partial Correct", "Partial NotAttempt", "All NotAttempt", "All Attempt and Wrong"]
+        assert table[columns].sum(axis=1).round(6).eq(100).all() and table.step.tolist() == [0, 1, 2]
+    assert "### Setting: both" in (tmp_path / "decomposition.md").read_text()
+    tradeoff = pd.read_csv(tmp_path / "tradeoff.csv")
+    assert tradeoff.policy.tolist() == ["cold start"] * 3 + [f"RL ({s})" for s in
+                                                             ("fact", "caution", "both", "fact-then-caution")]
+    for name in ("reward_curves.png", "tradeoff.png", "settings.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def tiny_chat_model(folder):
+    """A randomly initialised Qwen2 with a word-level tokenizer and a ChatML template: the paper path's shape."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from common import simplefact, world
+
+    texts = [simplefact.SYSTEM_PROMPT, "<|im_start|>system user assistant\n<|im_end|>", "Candidates: x. Unknown"]
+    for name in ("simpleqa", "popqa", "selfaware"):
+        texts += (ROOT / "tests/fixtures/simplefact" / name).glob("*.jsonl").__next__().read_text().splitlines()
+    tok = world.build_tokenizer(texts + world.FORMAT_TEXTS)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.save_pretrained(folder)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+
+
+def test_exp06_paper_path_micro_run_on_a_chat_model_and_the_four_sources(tmp_path):
+    tiny_chat_model(tmp_path / "model")
+    run_module(["exp06_simplefact_grpo/run.py", "--scale", "paper", "--allow-cpu", "--setting", "both",
+                "--model", str(tmp_path / "model"), "--data", str(ROOT / "tests/fixtures/simplefact")],
+               tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["scale"] == "paper" and "cold_start" not in str(manifest["timings_s"])
+    table = pd.read_csv(tmp_path / "out" / "decomposition_both.csv")
+    assert table.step.tolist() == [0, 1, 2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the paper scale runs for real")
+def test_paper_scale_without_cuda_stops_with_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "exp02_triviaqa_sft/run.py", "--scale", "paper", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: ") and "--allow-cpu" in proc.stderr and "Traceback" not in proc.stderr

@@ -2,7 +2,8 @@
 
 G responses per question are sampled together and scored together: the reward is a function of the whole group
 (SimpleFact rewards abstaining only when no response of the group is correct), so this module owns the group and
-calls `group_reward(question index, the group's responses)`. Each response's advantage is its reward minus its
+calls `group_reward(rollout step, question index, the group's responses)` (the step lets a reward follow a
+schedule). Each response's advantage is its reward minus its
 group's mean (divided by the group's std behind a flag). The loss is the clipped surrogate on the sequence-level
 ratio exp(sum log pi - sum log pi_old) over response tokens, plus a k3 estimate of the KL to the frozen starting
 model on the same sequence log-ratio, optionally clamped ("KL clipping", SPEC.md 7.4's reading). Old log-probs are
@@ -25,7 +26,7 @@ from common import training
 from common.rl import rollouts
 
 log = logging.getLogger(__name__)
-GroupReward = Callable[[int, Sequence[str]], Sequence[float]]  # (question index, response texts) -> rewards
+GroupReward = Callable[[int, int, Sequence[str]], Sequence[float]]  # (step, question index, responses) -> rewards
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class GRPOConfig:
     sample_batch_size: int = 16  # prompts per generate call
     checkpoint_every: int = 50  # rollout steps
     eval_every: int = 20
+    keep_checkpoints: int | None = None  # prune all but the last N (a fully finetuned 7B model's are ~45 GB)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,6 +70,8 @@ def k3_kl(ref_logprob: torch.Tensor, logprob: torch.Tensor, clamp: float | None 
     """exp(d) - d - 1 with d = log pi_ref - log pi (per response, summed over its tokens): a non-negative,
     unbiased estimate of KL(pi || pi_ref) under samples from pi."""
     d = ref_logprob - logprob
+    if clamp is not None:  # exp(d) of a far-drifted sequence is inf, and its gradient through the clamp NaN
+        d = d.clamp(max=float(np.log1p(clamp)) + 1.0)  # k3 there is still above the clamp
     kl = torch.exp(d) - d - 1
     return kl.clamp(-clamp, clamp) if clamp is not None else kl
 
@@ -84,7 +88,7 @@ def grpo_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, ref_logprob: tor
     kl = k3_kl(ref_logprob, logprob, kl_clamp) if ref_logprob is not None else torch.zeros_like(logprob)
     loss = (surrogate + kl_coef * kl).mean()
     return loss, {"loss": loss.item(), "kl": kl.mean().item(), "ratio": ratio.mean().item(),
-                  "clipfrac": (clipped != unclipped).float().mean().item()}
+                  "clipfrac": (clipped < unclipped).float().mean().item()}  # where the min takes the clip
 
 
 def sequence_logprobs(model, batch_rollouts: Sequence[rollouts.Rollout], pad_id: int) -> torch.Tensor:
@@ -138,7 +142,7 @@ def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupRew
         policy.eval()
         groups = rollouts.sample(policy, tokenizer, [prompts[i] for i in idx], cfg.group_size, cfg.max_new_tokens,
                                  cfg.temperature, cfg.sample_batch_size, desc=f"{desc}: sample")
-        rewards = torch.tensor([list(group_reward(i, [tokenizer.decode(r.response_ids) for r in group]))
+        rewards = torch.tensor([list(group_reward(step, i, [tokenizer.decode(r.response_ids) for r in group]))
                                 for i, group in zip(idx, groups)], dtype=torch.float32)
         advantages = group_advantages(rewards, cfg.std_normalize).flatten()
         flat = [r for group in groups for r in group]
@@ -161,7 +165,9 @@ def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupRew
                                 cfg.kl_coef, cfg.kl_clamp)
             training.check_finite(loss, desc, step + 1, last_good)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], cfg.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad],
+                                                  cfg.max_grad_norm)
+            training.check_finite(norm, desc, step + 1, last_good, "gradient norm")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -179,7 +185,8 @@ def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupRew
         bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row['kl']:.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
             last_good = training.save_checkpoint(policy, optimizer, scheduler, step, history, out_dir,
-                                                 loop_state={"queue": list(queue), "rng": rng.bit_generator.state})
+                                                 loop_state={"queue": list(queue), "rng": rng.bit_generator.state},
+                                                 keep_last=cfg.keep_checkpoints)
     bar.close()
     policy.eval()
     return pd.DataFrame(history)
