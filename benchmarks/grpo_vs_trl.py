@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common import models, results, simplefact  # noqa: E402
-from common.rl import grpo  # noqa: E402
+from common.rl import grpo, rollouts  # noqa: E402
 
 CONFIG = dict(prompts_per_step=16, group_size=8, minibatch_size=32, max_new_tokens=16, kl_coef=0.05, lr=2e-3,
               clip_eps=0.2, threads=2)
@@ -58,10 +58,24 @@ def run_ours(base, questions, prompts, steps: int, seed: int) -> float:
     def reward(step, i, texts):
         return group_rewards(questions, [(questions[i], texts)])[0]
 
-    with tempfile.TemporaryDirectory() as out:
-        grpo.train_grpo(policy, base.tokenizer, prompts, reward, cfg, Path(out), seed=seed, evaluate=stamp)
+    sampling_s = []  # where the time goes: sampling the groups vs everything else (scoring, loss, updates)
+    sample = rollouts.sample
+
+    def timed_sample(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = sample(*args, **kwargs)
+        sampling_s.append(time.perf_counter() - t0)
+        return out
+
+    rollouts.sample = timed_sample
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            grpo.train_grpo(policy, base.tokenizer, prompts, reward, cfg, Path(out), seed=seed, evaluate=stamp)
+    finally:
+        rollouts.sample = sample
     base.model = policy.unload()
-    return steps * CONFIG["prompts_per_step"] * CONFIG["group_size"] / (stamps[-1] - stamps[1])  # after warm-up
+    elapsed = stamps[-1] - stamps[1]  # after the warm-up step
+    return steps * CONFIG["prompts_per_step"] * CONFIG["group_size"] / elapsed, sum(sampling_s[1:]) / elapsed
 
 
 def run_trl(base, questions, prompts, steps: int, seed: int) -> float:
@@ -111,9 +125,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(CONFIG["threads"])
     base, questions, prompts = load(args.seed)
-    ours = run_ours(base, questions, prompts, args.steps, args.seed)
+    ours, sampling_share = run_ours(base, questions, prompts, args.steps, args.seed)
     trl = run_trl(base, questions, prompts, args.steps, args.seed)
     out = {"ours": round(ours, 1), "trl": round(trl, 1), "ratio": round(ours / trl, 2),
+           "ours_sampling_share": round(sampling_share, 3),
            "config": {**CONFIG, "steps_timed": args.steps, "seed": args.seed, "unit": "completions per second",
                       "packages": results.package_versions() | {"trl": __import__("trl").__version__}}}
     results.write_json(ROOT / "results" / "benchmarks" / "grpo_vs_trl.json", out)

@@ -21,6 +21,10 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # Token ids whose input embedding and output row train as well: tokens the base model never learnt to read or
+    # write (the synthetic scale's \\boxed{} pieces, which pretraining never contains), as new special tokens are
+    # trained. Empty: the paper's setting.
+    trainable_tokens: tuple[int, ...] = ()
 
 
 def prepare_tokenizer(tokenizer):
@@ -86,8 +90,10 @@ def add_lora(model, settings: LoraSettings = LoraSettings()):
     """Wrap `model` with a fresh trainable LoRA adapter; the base weights stay frozen."""
     from peft import LoraConfig, TaskType, get_peft_model
 
+    tokens = list(settings.trainable_tokens)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=list(settings.target_modules), task_type=TaskType.CAUSAL_LM)
+                        target_modules=list(settings.target_modules), task_type=TaskType.CAUSAL_LM,
+                        trainable_token_indices={"embed_tokens": tokens, "lm_head": tokens} if tokens else None)
     return get_peft_model(model, config)
 
 

@@ -52,8 +52,10 @@ def last_boxed(response: str) -> str | None:
 
 def synthetic_response(candidates: Sequence[str], answer: str | None) -> str:
     """The synthetic scale's response: the candidate answers the model considers (its short reasoning), then the
-    box: " Candidates: Paris, Rome. \\boxed{Paris}" ("Unknown" when `answer` is None)."""
-    return f"Candidates: {', '.join(candidates)}. \\boxed{{{UNKNOWN if answer is None else answer}}}"
+    box: "Candidates: Paris, Rome. \\boxed{ Paris}" ("Unknown" when `answer` is None). The space inside the box
+    makes the answer the world's word token " Paris", whose output row pretraining trained; "{Paris}" would be a
+    piece no document ever ends a word with."""
+    return f"Candidates: {', '.join(candidates)}. \\boxed{{ {UNKNOWN if answer is None else answer}}}"
 
 
 def classify(response: str, question: tasks.QAQuestion, process_reading: str = "retrieved") -> str:
@@ -116,15 +118,19 @@ def setting_at(setting: str, step: int, total_steps: int) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Data filtering (SPEC.md 7.5) and the evaluation decomposition (SPEC.md 7.6)
 
-def variability(classes: Sequence[str]) -> tuple[float, float]:
-    """How varied a question's sampled outcomes are: p(1 - p) with p the share correct, then (tie-break) the
-    entropy of the correct / not-attempt / other distribution."""
+def variability(classes: Sequence[str], setting: str = "both") -> tuple[float, float]:
+    """How varied a question's sampled outcomes are: the variance of their group reward under `setting`, then
+    (tie-break) the entropy of the correct / not-attempt / other distribution. SPEC.md 7.5 proposes p(1 - p) with p
+    the share correct, to drop groups whose rewards would all be equal; the reward's own variance does that for
+    both branches of the reward, where p(1 - p) ranks every question no response gets right last, so a filtered
+    set would never show GRPO the caution branch (measured, seed 0: with p(1 - p) the setting-both policy's
+    not-attempt rate stayed at 0.03-0.07 over 60 steps)."""
+    rewards = np.array(group_reward(classes, setting))
     n = len(classes)
-    p = sum(c == CORRECT for c in classes) / n
-    shares = np.array([p, sum(c == NOT_ATTEMPT for c in classes) / n])
+    shares = np.array([sum(c == CORRECT for c in classes) / n, sum(c == NOT_ATTEMPT for c in classes) / n])
     shares = np.append(shares, 1 - shares.sum())
     shares = shares[shares > 0]
-    return p * (1 - p), float(-(shares * np.log(shares)).sum())
+    return float(rewards.var()), float(-(shares * np.log(shares)).sum())
 
 
 def most_varied(per_question: Sequence[Sequence[str]], n: int) -> list[int]:

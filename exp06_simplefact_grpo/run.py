@@ -42,7 +42,7 @@ class Exp6Config:
     # Synthetic scale: a prompt is a prefix the cold start conditions on. Its target answers when at least this
     # share of the base model's few-shot samples agree on one answer, and says Unknown otherwise, so the prompts
     # trace the accuracy vs not-attempt trade-off.
-    agreement: dict = field(default_factory=lambda: {"cautious": 0.9, "balanced": 0.6, "bold": 0.0})
+    agreement: dict = field(default_factory=lambda: {"cautious": 0.6, "balanced": 0.25, "bold": 0.0})
     candidates: int = 3  # answers the cold start's reasoning lists, most often sampled first
     base_samples: unfamiliarity.QAScoringSettings = field(default_factory=unfamiliarity.QAScoringSettings)
     train_prompt: str = "balanced"
@@ -126,11 +126,18 @@ def starting_policy(base, pool: list[tasks.QAQuestion], cfg: Exp6Config, run, ru
     styles = [PROMPTS[i] for i in np.random.default_rng([run_args.seed, 60]).integers(len(PROMPTS), size=len(pool))]
     prompts = [prompt(q, s) for q, s in zip(pool, styles)]
     targets = cold_start_targets(samples, styles, cfg)
-    run.extra["cold_start_unknown_share"] = {s: float(np.mean([t.endswith("{Unknown}") for t, x in
-                                                               zip(targets, styles) if x == s])) for s in PROMPTS}
-    model = sft.finetune_lora(base, cfg.lora, cfg.cold_start, prompts, targets, "cold_start", run,
+    unknown = [simplefact.last_boxed(t) == simplefact.UNKNOWN for t in targets]
+    run.extra["cold_start_unknown_share"] = {s: float(np.mean([u for u, x in zip(unknown, styles) if x == s]))
+                                             for s in PROMPTS}
+    # The response format's pieces never occur in pretraining (the build forbids \\boxed), so their embeddings and
+    # output rows are untrained: the base model puts NLL 19-29 on " \\", "boxed", "{" and "}". LoRA on q/v alone
+    # cannot write them (cold-start loss 13.2 -> 2.5 after 3,000 steps, every sampled response malformed), so the
+    # cold start trains those tokens' rows too, as new tokens are trained.
+    format_ids = base.tokenizer(simplefact.synthetic_response([simplefact.UNKNOWN], None)).input_ids
+    lora = replace(cfg.lora, trainable_tokens=tuple(sorted(set(format_ids))))
+    model = sft.finetune_lora(base, lora, cfg.cold_start, prompts, targets, "cold_start", run,
                               seed=run_args.seed, resume=run_args.resume)
-    key = sft.adapter_dir(base, cfg.lora, cfg.cold_start, prompts, targets, run_args.seed).name
+    key = sft.adapter_dir(base, lora, cfg.cold_start, prompts, targets, run_args.seed).name
     return models.merge_lora(model), key
 
 

@@ -67,6 +67,24 @@ def test_lora_targets_q_and_v_only_with_hand_counted_parameters(tiny_tokenizer):
     assert torch.allclose(before, merged(torch.tensor([[4, 5, 6]])).logits, atol=1e-6)
 
 
+def test_trainable_tokens_train_their_embedding_and_output_rows_only_and_merge(tiny_tokenizer):
+    base = tiny_llama(tiny_tokenizer, hidden=8, layers=2)
+    embed, head = base.model.embed_tokens.weight.detach().clone(), base.lm_head.weight.detach().clone()
+    model = models.add_lora(base, models.LoraSettings(trainable_tokens=(5, 7)))
+    # LoRA as above, plus 2 rows x 8 of the input embedding and 2 rows x 8 of the (untied) output layer
+    assert models.count_parameters(model)[0] == 2 * 2 * (16 * 8 + 8 * 16) + 2 * 8 + 2 * 8
+    x = torch.tensor([[4, 5, 7, 6]])  # 5 and 7 are read (not last) and predicted (not first)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(x, labels=x).loss.backward()
+    optimizer.step()
+    trained = model(x).logits.detach()
+    merged = models.merge_lora(model)
+    assert torch.allclose(trained, merged(x).logits, atol=1e-5)
+    for before, after in ((embed, merged.model.embed_tokens.weight), (head, merged.lm_head.weight)):
+        changed = (after.detach() - before).abs().sum(-1) > 0
+        assert changed.nonzero().flatten().tolist() == [5, 7]
+
+
 def test_simplefact_mix_reads_each_source_in_its_schema_and_mixes_them_evenly():
     folder = FIXTURES / "simplefact"
     sources = {name: str(folder / name) for name in data.SIMPLEFACT_SOURCES}

@@ -62,10 +62,13 @@ def test_fact_then_caution_switches_halfway():
 
 def test_filtering_keeps_the_most_varied_questions():
     groups = [[C] * 4, [C, W, W, W], [C, C, W, W], [U, U, W, W], [C, C, U, W], [W] * 4]
-    # p(1 - p): 0, 3/16, 1/4, 0, 1/4, 0; ties broken by entropy: [C, C, U, W] (1.04) before [C, C, W, W] (0.69);
-    # among p = 0, [U, U, W, W] has entropy ln 2 > 0
+    # rewards (setting both): 1111, 1000, 1100, 1100 (caution branch: no response correct), 1100, 0000; variances
+    # 0, 3/16, 1/4, 1/4, 1/4, 0. Ties broken by entropy: [C, C, U, W] (1.04) first, then [C, C, W, W] and
+    # [U, U, W, W] (ln 2 each, in order)
     assert S.variability([C, C, U, W]) == pytest.approx((0.25, -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))))
-    assert S.most_varied(groups, 4) == [4, 2, 1, 3]
+    assert S.variability([C, P, W, W])[0] == pytest.approx(11 / 64)  # rewards 1, 0.5, 0, 0: 5/16 - (3/8)^2
+    assert S.variability([U, U, W, W], "fact") == (0.0, pytest.approx(math.log(2)))  # fact only: all zero
+    assert S.most_varied(groups, 4) == [4, 2, 3, 1]
 
 
 def test_five_way_decomposition():
@@ -79,5 +82,5 @@ def test_five_way_decomposition():
 
 
 def test_synthetic_response_round_trips_through_the_grader():
-    assert S.synthetic_response(["Rome", "Paris"], "Paris") == "Candidates: Rome, Paris. \\boxed{Paris}"
+    assert S.synthetic_response(["Rome", "Paris"], "Paris") == "Candidates: Rome, Paris. \\boxed{ Paris}"
     assert S.classify(S.synthetic_response(["Rome"], None), Q) == U
