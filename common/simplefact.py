@@ -118,25 +118,30 @@ def setting_at(setting: str, step: int, total_steps: int) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Data filtering (SPEC.md 7.5) and the evaluation decomposition (SPEC.md 7.6)
 
-def variability(classes: Sequence[str], setting: str = "both") -> tuple[float, float]:
-    """How varied a question's sampled outcomes are: the variance of their group reward under `setting`, then
-    (tie-break) the entropy of the correct / not-attempt / other distribution. SPEC.md 7.5 proposes p(1 - p) with p
-    the share correct, to drop groups whose rewards would all be equal; the reward's own variance does that for
-    both branches of the reward, where p(1 - p) ranks every question no response gets right last, so a filtered
-    set would never show GRPO the caution branch (measured, seed 0: with p(1 - p) the setting-both policy's
-    not-attempt rate stayed at 0.03-0.07 over 60 steps)."""
-    rewards = np.array(group_reward(classes, setting))
+FILTER_SCORES = ("correctness", "reward")
+
+
+def variability(classes: Sequence[str], score: str = "correctness") -> tuple[float, float]:
+    """How varied a question's sampled outcomes are, then (tie-break) the entropy of the correct / not-attempt /
+    other distribution. "correctness" is SPEC.md 7.5's proposal, p(1 - p) with p the share correct, meant to drop
+    groups whose rewards would all be equal; "reward" is the variance of the group reward itself (setting both),
+    which does that in both branches of the reward. p(1 - p) ranks every question no sample answers correctly
+    last, so a filtered set may never show GRPO the caution branch (measured at synthetic scale, seed 0: the
+    setting-both policy's not-attempt rate stayed at 0.03-0.07 over 60 steps), hence "reward" there."""
+    if score not in FILTER_SCORES:
+        raise ValueError(f"unknown filtering score {score!r}; expected one of {FILTER_SCORES}")
     n = len(classes)
     shares = np.array([sum(c == CORRECT for c in classes) / n, sum(c == NOT_ATTEMPT for c in classes) / n])
+    primary = shares[0] * (1 - shares[0]) if score == "correctness" else float(np.var(group_reward(classes)))
     shares = np.append(shares, 1 - shares.sum())
     shares = shares[shares > 0]
-    return float(rewards.var()), float(-(shares * np.log(shares)).sum())
+    return float(primary), float(-(shares * np.log(shares)).sum())
 
 
-def most_varied(per_question: Sequence[Sequence[str]], n: int) -> list[int]:
+def most_varied(per_question: Sequence[Sequence[str]], n: int, score: str = "correctness") -> list[int]:
     """Indices of the n questions with the most varied outcomes (SPEC.md 7.5), most varied first; ties keep the
     questions' order."""
-    scores = [variability(c) for c in per_question]
+    scores = [variability(c, score) for c in per_question]
     return sorted(range(len(scores)), key=lambda i: (-scores[i][0], -scores[i][1], i))[:n]
 
 

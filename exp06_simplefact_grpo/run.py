@@ -48,6 +48,7 @@ class Exp6Config:
     train_prompt: str = "balanced"
     filter_samples: int = 16  # SPEC.md 7.5: samples per training question from the starting model
     filter_keep: int = 2500
+    filter_score: str = "correctness"  # SPEC.md 7.5's p(1 - p); the synthetic preset uses "reward" (see simplefact)
     eval_questions: int = 60  # SPEC.md 7.6: 15 per source x 4 sources
     eval_samples: int = 20  # k, as the training group
     process_reading: str = "retrieved"
@@ -70,7 +71,7 @@ PRESETS = {
                              checkpoint_every=20, eval_every=10, sample_batch_size=64),
         cold_start=sft.SYNTHETIC_SFT,
         base_samples=unfamiliarity.QAScoringSettings(max_new_tokens=6, batch_size=64),
-        filter_keep=400, eval_questions=120, sample_batch_size=64),
+        filter_keep=400, filter_score="reward", eval_questions=120, sample_batch_size=64),
     "micro": Exp6Config(
         grpo=grpo.GRPOConfig(lr=1e-3, eta_min=1e-3, total_steps=2, prompts_per_step=2, group_size=3,
                              minibatch_size=3, max_new_tokens=6, checkpoint_every=1, eval_every=1,
@@ -326,7 +327,7 @@ def main(argv=None) -> None:
         if args.filter:
             selection = sample_classes(start, tok, pool, cfg.train_prompt, cfg.filter_samples, cfg,
                                        run_args.seed + 1, start_key, run.cache_hits)
-            kept = simplefact.most_varied(selection, cfg.filter_keep)
+            kept = simplefact.most_varied(selection, cfg.filter_keep, cfg.filter_score)
             fresh = sample_classes(start, tok, pool, cfg.train_prompt, cfg.grpo.group_size, cfg, run_args.seed + 3,
                                    start_key, run.cache_hits)
             run.write_csv("filtering.csv", pd.DataFrame([

@@ -62,13 +62,18 @@ def test_fact_then_caution_switches_halfway():
 
 def test_filtering_keeps_the_most_varied_questions():
     groups = [[C] * 4, [C, W, W, W], [C, C, W, W], [U, U, W, W], [C, C, U, W], [W] * 4]
-    # rewards (setting both): 1111, 1000, 1100, 1100 (caution branch: no response correct), 1100, 0000; variances
-    # 0, 3/16, 1/4, 1/4, 1/4, 0. Ties broken by entropy: [C, C, U, W] (1.04) first, then [C, C, W, W] and
-    # [U, U, W, W] (ln 2 each, in order)
-    assert S.variability([C, C, U, W]) == pytest.approx((0.25, -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))))
-    assert S.variability([C, P, W, W])[0] == pytest.approx(11 / 64)  # rewards 1, 0.5, 0, 0: 5/16 - (3/8)^2
-    assert S.variability([U, U, W, W], "fact") == (0.0, pytest.approx(math.log(2)))  # fact only: all zero
-    assert S.most_varied(groups, 4) == [4, 2, 3, 1]
+    entropy_ccuw = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    # correctness, p(1 - p): 0, 3/16, 1/4, 0, 1/4, 0; ties broken by entropy: [C, C, U, W] (1.04) before
+    # [C, C, W, W] (ln 2); among p = 0, [U, U, W, W] has entropy ln 2 > 0
+    assert S.variability([C, C, U, W]) == pytest.approx((0.25, entropy_ccuw))
+    assert S.most_varied(groups, 4) == [4, 2, 1, 3]
+    # reward variance (setting both): rewards 1111, 1000, 1100, 1100 (caution branch: none correct), 1100, 0000 ->
+    # 0, 3/16, 1/4, 1/4, 1/4, 0, so the caution-branch question [U, U, W, W] now ties with the best
+    assert S.variability([C, C, U, W], "reward") == pytest.approx((0.25, entropy_ccuw))
+    assert S.variability([C, P, W, W], "reward")[0] == pytest.approx(11 / 64)  # 1, 0.5, 0, 0: 5/16 - (3/8)^2
+    assert S.most_varied(groups, 4, "reward") == [4, 2, 3, 1]
+    with pytest.raises(ValueError):
+        S.variability([C], "distinct")
 
 
 def test_five_way_decomposition():
