@@ -6,7 +6,7 @@ setting both), group size, new-token budget, completions per optimizer step, KL 
 steps, and are timed after a warm-up step (model loading and TRL's setup excluded). TRL is an optional extra:
 `pip install trl`.
 
-    python benchmarks/grpo_vs_trl.py [--steps 6] [--seed 0]
+    python benchmarks/grpo_vs_trl.py [--steps 20] [--seed 0]
 
 Writes results/benchmarks/grpo_vs_trl.json: {"ours": ..., "trl": ..., "ratio": ..., "config": {...}}.
 """
@@ -120,7 +120,7 @@ def run_trl(base, questions, prompts, steps: int, seed: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(CONFIG["threads"])
