@@ -37,6 +37,10 @@ class Exp2Config:
     eval_sampling: sampling.SamplingConfig = field(default_factory=lambda: sampling.SamplingConfig(
         max_new_tokens=50, temperature=1.0, batch_size=32))  # EOS ends a sample; graders strip " </s>"
     max_eval_questions: int | None = None
+    # Synthetic scale: SFT also trains the rows of the targets' tokens (models.with_format_tokens). Measured on the
+    # capable world, seed 0: without them dist.2 never says IDK (0.00 in every bin; the model writes a name, then
+    # "don't know."); with them IDK is 0.84 in the most unfamiliar bin and 0.04 in the most familiar.
+    train_format_tokens: bool = False
 
 
 PRESETS = {
@@ -47,7 +51,8 @@ PRESETS = {
         sft=sft.SYNTHETIC_SFT,
         scoring=unfamiliarity.QAScoringSettings(max_new_tokens=6, batch_size=64),
         incorrect_bins=(0, 2, 4, 6, 8, 10, 13),
-        eval_sampling=sampling.SamplingConfig(max_new_tokens=12, temperature=1.0, batch_size=256)),
+        eval_sampling=sampling.SamplingConfig(max_new_tokens=12, temperature=1.0, batch_size=256),
+        train_format_tokens=True),
     "micro": Exp2Config(
         sft=sft.MICRO_SFT,
         lora=models.MICRO_LORA,
@@ -117,13 +122,15 @@ def main(argv=None) -> None:
     run.extra["split"] = {"finetune": len(pool), "unfamiliar": int(unfamiliar.sum()), "eval": len(eval_questions),
                           "eval_incorrect_histogram": np.bincount(incorrect_eval.astype(int)).tolist()}
 
+    lora = (models.with_format_tokens(cfg.lora, base.tokenizer, [tasks.IDK, tasks.ANSWER_PREFIX])
+            if cfg.train_format_tokens else cfg.lora)
     bins = Bins(cfg.incorrect_bins, closed="left")
     claims = []
     for distribution in distributions:
         rng = np.random.default_rng([run_args.seed, distribution])
         prompts, targets, idk = build_distribution(pool, unfamiliar, distribution, rng)
         run.extra[f"dist{distribution}_idk_fraction"] = float(idk.mean())
-        model = sft.finetune_lora(base, cfg.lora, cfg.sft, prompts, targets, f"dist{distribution}", run,
+        model = sft.finetune_lora(base, lora, cfg.sft, prompts, targets, f"dist{distribution}", run,
                                   seed=run_args.seed, resume=run_args.resume)
         with run.stage(f"evaluate_dist{distribution}"):
             frame = evaluation.triviaqa_outcomes(model, base.tokenizer, eval_questions, incorrect_eval,

@@ -132,10 +132,9 @@ def starting_policy(base, pool: list[tasks.QAQuestion], cfg: Exp6Config, run, ru
                                              for s in PROMPTS}
     # The response format's pieces never occur in pretraining (the build forbids \\boxed), so their embeddings and
     # output rows are untrained: the base model puts NLL 19-29 on " \\", "boxed", "{" and "}". LoRA on q/v alone
-    # cannot write them (cold-start loss 13.2 -> 2.5 after 3,000 steps, every sampled response malformed), so the
-    # cold start trains those tokens' rows too, as new tokens are trained.
-    format_ids = base.tokenizer(simplefact.synthetic_response([simplefact.UNKNOWN], None)).input_ids
-    lora = replace(cfg.lora, trainable_tokens=tuple(sorted(set(format_ids))))
+    # cannot write them (cold-start loss 13.2 -> 2.5 after 3,000 steps, every sampled response malformed).
+    lora = models.with_format_tokens(cfg.lora, base.tokenizer,
+                                     [simplefact.synthetic_response([simplefact.UNKNOWN], None)])
     model = sft.finetune_lora(base, lora, cfg.cold_start, prompts, targets, "cold_start", run,
                               seed=run_args.seed, resume=run_args.resume)
     key = sft.adapter_dir(base, lora, cfg.cold_start, prompts, targets, run_args.seed).name
