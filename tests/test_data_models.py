@@ -85,6 +85,16 @@ def test_trainable_tokens_train_their_embedding_and_output_rows_only_and_merge(t
         assert changed.nonzero().flatten().tolist() == [5, 7]
 
 
+def test_format_tokens_are_every_piece_of_the_formats_once_and_nothing_else(tiny_tokenizer):
+    settings = models.with_format_tokens(models.LoraSettings(), tiny_tokenizer, ["I don't know.", "The answer is "])
+    pieces = tiny_tokenizer.convert_ids_to_tokens(list(settings.trainable_tokens))
+    # " I", " don", "'", "t", " know", "." and " The", " answer", " is", and the lone space the prefix ends in;
+    # no BOS/EOS, each id once, sorted
+    assert sorted(pieces) == sorted([" I", " don", "'", "t", " know", ".", " The", " answer", " is", " "])
+    assert list(settings.trainable_tokens) == sorted(set(settings.trainable_tokens))
+    assert settings.target_modules == models.LoraSettings().target_modules
+
+
 def test_simplefact_mix_reads_each_source_in_its_schema_and_mixes_them_evenly():
     folder = FIXTURES / "simplefact"
     sources = {name: str(folder / name) for name in data.SIMPLEFACT_SOURCES}
