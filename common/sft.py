@@ -97,16 +97,9 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
     order = np.random.default_rng([seed, 21]).permutation(len(prompts))
     encoded = [encode_pair(tokenizer, prompts[i], responses[i], cfg.max_length) for i in order]
     optimizer, scheduler = training.make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    step, history = 0, []
-    last_good = training.latest_checkpoint(out_dir)
-    if last_good is not None and (resume or training.is_finished(out_dir, cfg)):
-        # A finished run in this folder is a cache hit; an unfinished one continues only when asked to.
-        step, history, _ = training.load_checkpoint(model, optimizer, scheduler, last_good)
-        log.info("%s: %s %s (step %d)", desc, "loaded" if step >= cfg.total_steps else "resumed from",
-                 last_good, step)
-    else:
-        last_good = None
-        torch.manual_seed(seed)
+    torch.manual_seed(seed)  # a loaded checkpoint restores the RNG it saved
+    # A finished run in this folder is a cache hit; an unfinished one continues only when asked to.
+    step, history, _, last_good = training.begin(model, optimizer, scheduler, out_dir, cfg, resume, desc)
     device = next(model.parameters()).device
     model.train()
     bar = tqdm(total=cfg.total_steps, initial=step, desc=desc)

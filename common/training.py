@@ -3,6 +3,7 @@
 loop's own state such as its prompt order), and the guard that stops a run at a non-finite loss."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
 WEIGHTS = "weights"  # a checkpoint's trained weights: a peft adapter, or the whole model when fully finetuned
 
 
@@ -71,6 +73,20 @@ def save_checkpoint(model, optimizer, scheduler, step: int, history: list[dict],
         for old in checkpoints(out_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def begin(model, optimizer, scheduler, out_dir: Path, cfg, resume: bool, desc: str,
+          modules: dict[str, torch.nn.Module] | None = None, loop_state: Any = None
+          ) -> tuple[int, list[dict], Any, Path | None]:
+    """Where a training run starts: a finished run in `out_dir` is loaded (a cache hit), an unfinished one
+    continues from its newest checkpoint only with `resume`, anything else starts afresh at step 0 with
+    `loop_state`. Returns (step, history, loop_state, the last good checkpoint or None)."""
+    last_good = latest_checkpoint(out_dir)
+    if last_good is None or not (resume or is_finished(out_dir, cfg)):
+        return 0, [], loop_state, None
+    step, history, loop_state = load_checkpoint(model, optimizer, scheduler, last_good, modules)
+    log.info("%s: %s %s (step %d)", desc, "loaded" if step >= cfg.total_steps else "resumed from", last_good, step)
+    return step, history, loop_state, last_good
 
 
 def load_checkpoint(model, optimizer, scheduler, ckpt: Path, modules: dict[str, torch.nn.Module] | None = None

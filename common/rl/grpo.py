@@ -115,30 +115,16 @@ def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupRew
     an unfinished one continues exactly, same prompt order and random streams, with `resume`."""
     out_dir = Path(out_dir)
     optimizer, scheduler = training.make_optimizer([p for p in policy.parameters() if p.requires_grad], cfg)
-    step, history = 0, []
-    loop = {"queue": [], "rng": np.random.default_rng([seed, 61]).bit_generator.state}
-    last_good = training.latest_checkpoint(out_dir)
-    if last_good is not None and (resume or training.is_finished(out_dir, cfg)):
-        step, history, loop = training.load_checkpoint(policy, optimizer, scheduler, last_good)
-        log.info("%s: %s %s (step %d)", desc, "loaded" if step >= cfg.total_steps else "resumed from", last_good,
-                 step)
-    else:
-        last_good = None
-        torch.manual_seed(seed)
-    rng = np.random.default_rng()
-    rng.bit_generator.state = loop["rng"]
-    queue: list[int] = loop["queue"]
+    torch.manual_seed(seed)  # a loaded checkpoint restores the RNG it saved
+    step, history, loop, last_good = training.begin(policy, optimizer, scheduler, out_dir, cfg, resume, desc)
+    order = rollouts.PromptOrder(len(prompts), [seed, 61], loop)
     pad = tokenizer.pad_token_id
 
     if evaluate is not None and step == 0:
         history.append({"step": 0, **evaluate(0)})
     bar = tqdm(total=cfg.total_steps, initial=step, desc=desc)
     while step < cfg.total_steps:
-        idx = []
-        for _ in range(cfg.prompts_per_step):  # the prompts, reshuffled at every pass
-            if not queue:
-                queue.extend(rng.permutation(len(prompts)).tolist())
-            idx.append(queue.pop())
+        idx = [order.next() for _ in range(cfg.prompts_per_step)]
         policy.eval()
         groups = rollouts.sample(policy, tokenizer, [prompts[i] for i in idx], cfg.group_size, cfg.max_new_tokens,
                                  cfg.temperature, cfg.sample_batch_size, desc=f"{desc}: sample")
@@ -157,9 +143,9 @@ def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupRew
 
         policy.train()
         stats = []
-        order = rng.permutation(len(flat))
+        permutation = order.rng.permutation(len(flat))
         for start in range(0, len(flat), cfg.minibatch_size):
-            mb = order[start : start + cfg.minibatch_size]
+            mb = permutation[start : start + cfg.minibatch_size]
             logprob = sequence_logprobs(policy, [flat[i] for i in mb], pad)
             loss, s = grpo_loss(logprob, old[mb], None if ref is None else ref[mb], advantages[mb], cfg.clip_eps,
                                 cfg.kl_coef, cfg.kl_clamp)
@@ -185,7 +171,7 @@ def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupRew
         bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row['kl']:.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
             last_good = training.save_checkpoint(policy, optimizer, scheduler, step, history, out_dir,
-                                                 loop_state={"queue": list(queue), "rng": rng.bit_generator.state},
+                                                 loop_state=order.state(),
                                                  keep_last=cfg.keep_checkpoints)
     bar.close()
     policy.eval()

@@ -176,24 +176,9 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PP
     value_head = ValueHead(policy.config.hidden_size).to(next(policy.parameters()).device)
     optimizer, scheduler = training.make_optimizer(
         [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters()), cfg)
-    step, history = 0, []
-    loop = {"queue": [], "rng": np.random.default_rng([seed, 31]).bit_generator.state}
-    last_good = training.latest_checkpoint(out_dir)
-    if last_good is not None and (resume or training.is_finished(out_dir, cfg)):
-        step, history, loop = training.load_checkpoint(policy, optimizer, scheduler, last_good,
-                                                       {"value_head": value_head})
-        log.info("%s: %s %s (step %d)", desc, "loaded" if step >= cfg.total_steps else "resumed from", last_good,
-                 step)
-    else:
-        last_good = None
-    rng = np.random.default_rng()
-    rng.bit_generator.state = loop["rng"]
-    queue: list[int] = loop["queue"]
-
-    def next_prompt() -> int:  # the fork's shuffled, endless prompt loader
-        if not queue:
-            queue.extend(rng.permutation(len(prompts)).tolist())
-        return queue.pop()
+    step, history, loop, last_good = training.begin(policy, optimizer, scheduler, out_dir, cfg, resume, desc,
+                                                    {"value_head": value_head})
+    order = rollouts.PromptOrder(len(prompts), [seed, 31], loop)
 
     if evaluate is not None and step == 0:  # the starting point, for the curves
         policy.eval()
@@ -202,16 +187,16 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PP
     saved_at = step
     while step < cfg.total_steps:
         policy.eval()
-        store = collect(policy, value_head, tokenizer, prompts, next_prompt, score, cfg)
+        store = collect(policy, value_head, tokenizer, prompts, order.next, score, cfg)
         round_stats = {"mean_score": float(np.mean([r.score for r in store])),
                        "kl": float(np.mean([(r.extra["logprobs"] - r.extra["ref_logprobs"]).sum().item()
                                             for r in store])),
                        "response_tokens": float(np.mean([len(r.response_ids) for r in store]))}
         policy.train()
         for _ in range(cfg.ppo_epochs):
-            order = rng.permutation(len(store))
+            permutation = order.rng.permutation(len(store))
             for b in range(0, len(store), cfg.batch_size):
-                minibatch = [store[i] for i in order[b : b + cfg.batch_size]]
+                minibatch = [store[i] for i in permutation[b : b + cfg.batch_size]]
                 stats = ppo_step(policy, value_head, optimizer, tokenizer, minibatch, cfg, step, desc, last_good)
                 scheduler.step()
                 step += 1
@@ -230,7 +215,7 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PP
         if step // cfg.checkpoint_every > saved_at // cfg.checkpoint_every or step >= cfg.total_steps:
             last_good = training.save_checkpoint(policy, optimizer, scheduler, step, history, out_dir,
                                                  {"value_head": value_head},
-                                                 loop_state={"queue": list(queue), "rng": rng.bit_generator.state})
+                                                 loop_state=order.state())
             saved_at = step
     bar.close()
     policy.eval()

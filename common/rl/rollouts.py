@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from common import sampling
@@ -22,6 +23,28 @@ class Rollout:
     response_ids: list[int]
     score: float = 0.0
     extra: dict = field(default_factory=dict)  # what an algorithm stores per rollout (old log-probs, values, ...)
+
+
+class PromptOrder:
+    """The prompts in shuffled passes, reshuffled at every pass (the authors' fork's endless loader), with the
+    generator the algorithm also draws its minibatch orders from; `state` is what a checkpoint keeps so a resumed
+    run continues the same order and streams."""
+
+    def __init__(self, n_prompts: int, seed_key: Sequence[int], state: dict | None = None):
+        self.n_prompts = n_prompts
+        self.rng = np.random.default_rng(seed_key)
+        self.queue: list[int] = []
+        if state is not None:
+            self.rng.bit_generator.state = state["rng"]
+            self.queue = list(state["queue"])
+
+    def next(self) -> int:
+        if not self.queue:
+            self.queue.extend(self.rng.permutation(self.n_prompts).tolist())
+        return self.queue.pop()
+
+    def state(self) -> dict:
+        return {"queue": list(self.queue), "rng": self.rng.bit_generator.state}
 
 
 def sample(model, tokenizer, prompts: Sequence[str], num_samples: int, max_new_tokens: int, temperature: float,
