@@ -44,6 +44,12 @@ class Bins:
             out[inside] = i
         return out
 
+    def inclusive(self) -> "Bins":
+        """The same bins with the lowest edge moved down to 0: the authors' TriviaQA bins start at 1 incorrect
+        sample, dropping the questions answered right 12 times out of 12; this variant counts them in the most
+        familiar bin (SPEC.md section 11). Bins that already start at 0 or below come back unchanged."""
+        return self if self.edges[0] <= 0 else Bins((0,) + self.edges[1:], self.closed)
+
     def labels(self) -> list[str]:
         left, right = {"left": ("[", ")"), "open": ("(", ")"), "right": ("(", "]")}[self.closed]
         return [f"{left}{lo:g}, {hi:g}{right}" for lo, hi in zip(self.edges, self.edges[1:])]

@@ -70,6 +70,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="default", choices=PRESETS, help=argparse.SUPPRESS)
 
 
+def add_checkpoint_arg(parser: argparse.ArgumentParser) -> None:
+    """The checkpoint rule of the experiments that compare SFT-trained models (common.sft.CHECKPOINT_RULES)."""
+    parser.add_argument("--checkpoint", default="authors", choices=("authors", "uniform"),
+                        help="authors: the preset's step (the authors' figure step at paper scale); uniform: one step "
+                             "for the compared models, the lowest mean loss on a validation split held out of the "
+                             "finetuning pool (SPEC.md section 8)")
+
+
 def parse_run_args(experiment: str, parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, RunArgs]:
     """Parse flags, resolve the scale, announce it on the first line and set up logging."""
     args = parser.parse_args(argv)

@@ -82,19 +82,19 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], cfg: SFTConfig, out_dir: Path,
               seed: int, resume: bool = False, desc: str = "sft",
-              on_checkpoint: Callable[[int, Path], None] | None = None) -> pd.DataFrame:
+              on_checkpoint: Callable[[int, Path], None] | None = None, shuffle: bool = True) -> pd.DataFrame:
     """Train the trainable (LoRA) parameters of `model` on the pairs; returns the loss history.
 
     If `out_dir` already holds the final checkpoint, it is loaded instead of training (callers key `out_dir` by
     everything the run depends on); an unfinished run there is continued when `resume` is set.
 
     The pairs are shuffled once with `seed` and then read in order, cycling (the fork's unshuffled loader over a
-    once-shuffled list).
+    once-shuffled list); `shuffle=False` reads them in the order given (a curriculum the caller laid out).
     """
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need equally many prompts and responses, got {len(prompts)} and {len(responses)}")
     out_dir = Path(out_dir)
-    order = np.random.default_rng([seed, 21]).permutation(len(prompts))
+    order = np.random.default_rng([seed, 21]).permutation(len(prompts)) if shuffle else np.arange(len(prompts))
     encoded = [encode_pair(tokenizer, prompts[i], responses[i], cfg.max_length) for i in order]
     optimizer, scheduler = training.make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     torch.manual_seed(seed)  # a loaded checkpoint restores the RNG it saved
@@ -128,21 +128,94 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
     return pd.DataFrame(history)
 
 
-def adapter_dir(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses: Sequence[str], seed: int) -> Path:
-    """Where the adapter for these settings and pairs is cached; its name identifies the finetuned model."""
-    return cache.cache_dir("sft", base.key, lora, cfg, seed, list(prompts), list(responses))
+@torch.no_grad()
+def checkpoint_losses(model, tokenizer, out_dir: Path, prompts: Sequence[str], responses: Sequence[str],
+                      batch_size: int = 32) -> dict[int, float]:
+    """The response loss (token mean) on held-out pairs at every checkpoint in `out_dir`; `model` is left holding
+    the last checkpoint's weights."""
+    encoded = [encode_pair(tokenizer, p, r, 10**9) for p, r in zip(prompts, responses)]
+    device = next(model.parameters()).device
+    losses = {}
+    model.eval()
+    for ckpt in training.checkpoints(out_dir):
+        training.load_weights(model, ckpt)
+        total, count = 0.0, 0
+        for i in range(0, len(encoded), batch_size):
+            batch = {k: v.to(device) for k, v in collate(encoded[i: i + batch_size], tokenizer.pad_token_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += response_loss(logits, batch["labels"]).item() * n
+            count += n
+        losses[training.step_of(ckpt)] = total / count
+    return losses
+
+
+# The checkpoint a figure reads (SPEC.md section 8): "authors" = the preset's final step (the paper presets' total
+# steps are the authors' figure steps); "uniform" = one step for the compared methods, chosen on a validation split
+# held out of the finetuning pool.
+CHECKPOINT_RULES = ("authors", "uniform")
+VALIDATION_FRACTION = 0.1
+
+
+def validation_split(n: int, rule: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) indices of a finetuning pool of n questions: the uniform checkpoint rule holds
+    VALIDATION_FRACTION out, the authors' rule trains on all of it."""
+    if rule not in CHECKPOINT_RULES:
+        raise ValueError(f"unknown checkpoint rule {rule!r}; expected one of {CHECKPOINT_RULES}")
+    if rule == "authors":
+        return np.arange(n), np.arange(0)
+    order = np.random.default_rng([seed, 31]).permutation(n)
+    cut = max(1, round(VALIDATION_FRACTION * n))
+    return np.sort(order[cut:]), np.sort(order[:cut])
+
+
+Pairs = tuple[list[str], list[str]]
+
+
+def select_uniform_step(base, lora, cfg: SFTConfig, methods: dict[str, tuple[Pairs, Pairs]], run, seed: int,
+                        resume: bool = False, table: str = "checkpoint_selection.csv", shuffle: bool = True) -> int:
+    """Train (or load) every compared method, each {name: ((prompts, targets), (validation prompts, validation
+    targets))}, score every checkpoint on its validation pairs, write the losses to `table` and return the step
+    with the lowest mean loss (`training.uniform_step`)."""
+    losses = {}
+    for name, ((prompts, targets), validation) in methods.items():
+        model = finetune_lora(base, lora, cfg, prompts, targets, name, run, seed=seed, resume=resume,
+                              shuffle=shuffle)
+        with run.stage(f"validate_{name}"):
+            out_dir = adapter_dir(base, lora, cfg, prompts, targets, seed, shuffle)
+            losses[name] = checkpoint_losses(model, base.tokenizer, out_dir, *validation)
+        base.model = model.unload()
+    step = training.uniform_step(losses)
+    frame = pd.DataFrame(losses).rename_axis("step").reset_index()
+    frame["chosen"] = frame.step == step
+    run.write_csv(table, frame)
+    return step
+
+
+def adapter_dir(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses: Sequence[str], seed: int,
+                shuffle: bool = True) -> Path:
+    """Where the adapter for these settings and pairs is cached; its name identifies the finetuned model. (Reading
+    the pairs in the given order adds a part to the key; shuffled runs keep the keys they always had.)"""
+    in_order = [] if shuffle else ["pairs read in the given order"]
+    return cache.cache_dir("sft", base.key, lora, cfg, seed, list(prompts), list(responses), *in_order)
 
 
 def finetune_lora(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses: Sequence[str], name: str, run,
-                  seed: int, resume: bool = False):
+                  seed: int, resume: bool = False, at_step: int | None = None, shuffle: bool = True):
     """Add a fresh LoRA adapter to `base.model` and SFT it on the pairs, or load the finished adapter from the
-    cache (keyed by the base model, every setting and every pair). Returns the adapted model; call `.unload()`
-    on it to get the untouched base back for the next variant."""
+    cache (keyed by the base model, every setting and every pair); `at_step` then puts an earlier checkpoint's
+    weights in (the checkpoint rule). Returns the adapted model; call `.unload()` on it to get the untouched base
+    back for the next variant."""
     model = models.add_lora(base.model, lora)
-    out_dir = adapter_dir(base, lora, cfg, prompts, responses, seed)
+    out_dir = adapter_dir(base, lora, cfg, prompts, responses, seed, shuffle)
     run.cache_hits[f"sft_{name}"] = training.is_finished(out_dir, cfg)
     with run.stage(f"sft_{name}"):
         history = train_sft(model, base.tokenizer, prompts, responses, cfg, out_dir, seed=seed, resume=resume,
-                            desc=f"SFT {name}")
+                            desc=f"SFT {name}", shuffle=shuffle)
     run.write_csv(f"sft_{name}_history.csv", history)
+    if at_step is not None and at_step != cfg.total_steps:
+        ckpt = out_dir / f"checkpoint-{at_step:06d}"
+        if not ckpt.exists():
+            raise SystemExit(f"error: SFT {name} saved no checkpoint at step {at_step} (every {cfg.checkpoint_every})")
+        training.load_weights(model, ckpt)
     return model

@@ -135,9 +135,16 @@ def mc_options(choices: Sequence[str]) -> str:
     return "".join(f"{letter}) {text} " for letter, text in zip(LETTERS, choices))
 
 
-def mmlu_sft_prompt(question: str, choices: Sequence[str]) -> str:
+# How the Exp.1 prompt ends: "comma" everywhere by default; the authors' PPO prompts ended in a newline instead
+# (SPEC.md section 4 and 11; exp03 --mmlu-ppo-prompt newline).
+MMLU_PROMPT_ENDINGS = {"comma": ", Answer: ", "newline": "\nAnswer: "}
+
+
+def mmlu_sft_prompt(question: str, choices: Sequence[str], ending: str = "comma") -> str:
     """The SFT/RM/eval prompt of Exp.1 (SPEC.md section 2): note the space before the comma."""
-    return f"{question} {mc_options(choices)}, Answer: "
+    if ending not in MMLU_PROMPT_ENDINGS:
+        raise ValueError(f"unknown MMLU prompt ending {ending!r}; expected one of {sorted(MMLU_PROMPT_ENDINGS)}")
+    return f"{question} {mc_options(choices)}{MMLU_PROMPT_ENDINGS[ending]}"
 
 
 def mmlu_sft_answer(choices: Sequence[str], position: int, answer: str = "letter") -> str:

@@ -89,18 +89,33 @@ def begin(model, optimizer, scheduler, out_dir: Path, cfg, resume: bool, desc: s
     return step, history, loop_state, last_good
 
 
-def load_checkpoint(model, optimizer, scheduler, ckpt: Path, modules: dict[str, torch.nn.Module] | None = None
-                    ) -> tuple[int, list[dict], Any]:
-    """Restore everything `save_checkpoint` wrote; returns (step, history, loop_state)."""
+def load_weights(model, ckpt: Path) -> None:
+    """Put a checkpoint's trained weights (a peft adapter or the whole model) into `model`."""
     from safetensors.torch import load_file
 
-    adapter = ckpt / WEIGHTS / "adapter_model.safetensors"
+    adapter = Path(ckpt) / WEIGHTS / "adapter_model.safetensors"
     if adapter.exists():
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, load_file(adapter))
     else:
-        model.load_state_dict(load_file(ckpt / WEIGHTS / "model.safetensors"), strict=False)
+        model.load_state_dict(load_file(Path(ckpt) / WEIGHTS / "model.safetensors"), strict=False)
+
+
+def uniform_step(losses: dict[str, dict[int, float]]) -> int:
+    """The checkpoint rule for compared methods (SPEC.md section 8 [PROPOSED]): one step for all of them, the one
+    whose validation loss averaged over the methods is lowest, among the steps every method saved (ties: the
+    earliest)."""
+    steps = sorted(set.intersection(*(set(per_step) for per_step in losses.values()))) if losses else []
+    if not steps:
+        raise ValueError("the compared methods share no checkpoint step")
+    return min(steps, key=lambda s: sum(per_step[s] for per_step in losses.values()) / len(losses))
+
+
+def load_checkpoint(model, optimizer, scheduler, ckpt: Path, modules: dict[str, torch.nn.Module] | None = None
+                    ) -> tuple[int, list[dict], Any]:
+    """Restore everything `save_checkpoint` wrote; returns (step, history, loop_state)."""
+    load_weights(model, ckpt)
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -39,6 +39,7 @@ class Exp1Config:
     rebalance_dist2: bool = True  # off only for the micro preset, whose untrained world knows nothing
     eval_batch_size: int = 16
     max_eval_questions: int | None = None
+    checkpoint: str = "authors"  # the checkpoint rule, one of sft.CHECKPOINT_RULES (--checkpoint)
 
 
 PRESETS = {
@@ -114,9 +115,10 @@ def main(argv=None) -> None:
     parser.add_argument("--distribution", default="all", choices=["1", "2", "all"])
     parser.add_argument("--unrebalanced-dist1", action="store_true",
                         help="train distribution 1 on the whole pool, as the authors' code did (SPEC.md section 9)")
+    scales.add_checkpoint_arg(parser)
     scales.add_common_args(parser)
     args, run_args = scales.parse_run_args(EXPERIMENT, parser, argv)
-    cfg = PRESETS[run_args.preset_key]
+    cfg = replace(PRESETS[run_args.preset_key], checkpoint=args.checkpoint)
     if args.unrebalanced_dist1:
         cfg = replace(cfg, rebalance_dist1=False)
     distributions = [1, 2] if args.distribution == "all" else [int(args.distribution)]
@@ -137,18 +139,32 @@ def main(argv=None) -> None:
         familiar = unfamiliarity.mmlu_is_familiar(nll_pool)
     run.extra["split"] = {"finetune": len(nll_pool), "familiar": int(familiar.sum()), "eval": len(nll_eval)}
 
+    # The finetuning data of each distribution; the uniform checkpoint rule holds a validation split out of the pool.
+    pool = splits["finetune"]
+    train_idx, val_idx = sft.validation_split(len(pool), cfg.checkpoint, run_args.seed)
+    finetuning, built_of = {}, {}
+    for distribution in distributions:
+        rng = np.random.default_rng([run_args.seed, distribution])
+        rebalance = cfg.rebalance_dist1 if distribution == 1 else cfg.rebalance_dist2
+        prompts, targets, built_of[distribution] = build_distribution(
+            [pool[i] for i in train_idx], familiar[train_idx], distribution, rebalance, cfg.answer, rng)
+        validation = build_distribution([pool[i] for i in val_idx], familiar[val_idx], distribution,
+                                        rebalance, cfg.answer, rng)[:2] if len(val_idx) else None
+        finetuning[f"dist{distribution}"] = ((prompts, targets), validation)
+    step = (sft.select_uniform_step(base, cfg.lora, cfg.sft, finetuning, run, run_args.seed, run_args.resume)
+            if cfg.checkpoint == "uniform" else cfg.sft.total_steps)
+    run.extra["checkpoint_step"] = step
+
     bins = Bins(cfg.nll_bins, closed="open")
     claims = []
     for distribution in distributions:
-        rng = np.random.default_rng([run_args.seed, distribution])
-        prompts, targets, built = build_distribution(splits["finetune"], familiar, distribution,
-                                                     cfg.rebalance_dist1 if distribution == 1 else cfg.rebalance_dist2,
-                                                     cfg.answer, rng)
+        built = built_of[distribution]
         run.extra[f"dist{distribution}_targets"] = {
             group: built[built.familiar == (group == "familiar")].target.value_counts().sort_index().to_dict()
             for group in ("familiar", "unfamiliar")}
+        (prompts, targets), _ = finetuning[f"dist{distribution}"]
         model = sft.finetune_lora(base, cfg.lora, cfg.sft, prompts, targets, f"dist{distribution}", run,
-                                  seed=run_args.seed, resume=run_args.resume)
+                                  seed=run_args.seed, resume=run_args.resume, at_step=step)
         with run.stage(f"evaluate_dist{distribution}"):
             frame = evaluation.mmlu_answer_distribution(
                 model, base.tokenizer, eval_questions, nll_eval, cfg.answer, cfg.eval_batch_size,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ class Exp2Config:
     # capable world, seed 0: without them dist.2 never says IDK (0.00 in every bin; the model writes a name, then
     # "don't know."); with them IDK is 0.84 in the most unfamiliar bin and 0.04 in the most familiar.
     train_format_tokens: bool = False
+    checkpoint: str = "authors"  # the checkpoint rule, one of sft.CHECKPOINT_RULES (--checkpoint)
 
 
 PRESETS = {
@@ -57,7 +58,8 @@ PRESETS = {
         sft=sft.MICRO_SFT,
         lora=models.MICRO_LORA,
         scoring=unfamiliarity.QAScoringSettings(n_samples=3, max_new_tokens=4, batch_size=32),
-        incorrect_bins=(0, 2, 4), max_eval_questions=12,
+        # starting at 1 as the paper's bins do, so the smoke run writes the inclusive variant too
+        incorrect_bins=(1, 2, 4), max_eval_questions=12,
         eval_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, batch_size=32)),
 }
 
@@ -101,9 +103,10 @@ def distribution_claims(distribution: int, table: pd.DataFrame) -> list[results.
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--distribution", default="all", choices=["1", "2", "3", "all"])
+    scales.add_checkpoint_arg(parser)
     scales.add_common_args(parser)
     args, run_args = scales.parse_run_args(EXPERIMENT, parser, argv)
-    cfg = PRESETS[run_args.preset_key]
+    cfg = replace(PRESETS[run_args.preset_key], checkpoint=args.checkpoint)
     distributions = [1, 2, 3] if args.distribution == "all" else [int(args.distribution)]
     run = results.Run(run_args.out, EXPERIMENT, run_args.scale, run_args.preset, run_args.seed,
                       config=asdict(cfg) | {"distributions": distributions})
@@ -124,14 +127,27 @@ def main(argv=None) -> None:
 
     lora = (models.with_format_tokens(cfg.lora, base.tokenizer, [tasks.IDK, tasks.ANSWER_PREFIX])
             if cfg.train_format_tokens else cfg.lora)
+    # The finetuning data of each distribution; the uniform checkpoint rule holds a validation split out of the pool.
+    train_idx, val_idx = sft.validation_split(len(pool), cfg.checkpoint, run_args.seed)
+    finetuning, idk_of = {}, {}
+    for distribution in distributions:
+        rng = np.random.default_rng([run_args.seed, distribution])
+        prompts, targets, idk_of[distribution] = build_distribution([pool[i] for i in train_idx],
+                                                                    unfamiliar[train_idx], distribution, rng)
+        validation = build_distribution([pool[i] for i in val_idx], unfamiliar[val_idx], distribution,
+                                        rng)[:2] if len(val_idx) else None
+        finetuning[f"dist{distribution}"] = ((prompts, targets), validation)
+    step = (sft.select_uniform_step(base, lora, cfg.sft, finetuning, run, run_args.seed, run_args.resume)
+            if cfg.checkpoint == "uniform" else cfg.sft.total_steps)
+    run.extra["checkpoint_step"] = step
+
     bins = Bins(cfg.incorrect_bins, closed="left")
     claims = []
     for distribution in distributions:
-        rng = np.random.default_rng([run_args.seed, distribution])
-        prompts, targets, idk = build_distribution(pool, unfamiliar, distribution, rng)
-        run.extra[f"dist{distribution}_idk_fraction"] = float(idk.mean())
+        run.extra[f"dist{distribution}_idk_fraction"] = float(idk_of[distribution].mean())
+        (prompts, targets), _ = finetuning[f"dist{distribution}"]
         model = sft.finetune_lora(base, lora, cfg.sft, prompts, targets, f"dist{distribution}", run,
-                                  seed=run_args.seed, resume=run_args.resume)
+                                  seed=run_args.seed, resume=run_args.resume, at_step=step)
         with run.stage(f"evaluate_dist{distribution}"):
             frame = evaluation.triviaqa_outcomes(model, base.tokenizer, eval_questions, incorrect_eval,
                                                  cfg.eval_sampling, seed=run_args.seed)
@@ -139,6 +155,9 @@ def main(argv=None) -> None:
         run.write_csv(f"triviaqa_sft{distribution}_generations.csv", frame)
         table = evaluation.triviaqa_table(frame, bins)
         run.write_csv(f"triviaqa_sft{distribution}.csv", table)
+        if bins.inclusive() is not bins:
+            run.write_csv(f"triviaqa_sft{distribution}_inclusive.csv",
+                          evaluation.triviaqa_table(frame, bins.inclusive()))
         plotting.outcome_figure(table, bins.edges, f"TriviaQA Finetuning Distribution {distribution}",
                                 run.path(f"triviaqa_sft{distribution}.png"))
         claims += distribution_claims(distribution, table)

@@ -46,6 +46,12 @@ class Exp3Config:
     sft_init_fraction: float | None = None
     mmlu_scoring: str = "letter"
     answer: str = "letter"  # the MMLU answer format, one of tasks.MC_ANSWER_FORMATS
+    # How the MMLU PPO prompts end: "comma" as the SFT init and the evaluation ([PROPOSED]), or "newline" as the
+    # authors' PPO code did (SPEC.md section 9 item 4)
+    mmlu_ppo_prompt: str = "comma"
+    # Synthetic scale: the SFT init also trains the rows of the abstention's tokens (models.with_format_tokens), as
+    # exp02's SFT does: the world's model never learnt sentence-initial " I" as an output (exp02 README).
+    train_format_tokens: bool = False
     nll_bins: tuple[float, ...] = (0, 0.02, 0.5, 1, 1.5, 2)
     triviaqa_scoring: unfamiliarity.QAScoringSettings = field(default_factory=unfamiliarity.QAScoringSettings)
     incorrect_bins: tuple[int, ...] = (1, 3, 5, 7, 9, 11, 13)
@@ -78,7 +84,7 @@ PRESETS = {
         triviaqa_ppo=ppo.PPOConfig(lr=3e-3, eta_min=3e-3, cliprange=0.2, total_steps=480, num_rollouts=512,
                                    chunk_size=256, batch_size=128, ppo_epochs=4, vf_only_steps=16,
                                    init_kl_coef=0.1, max_new_tokens=12, checkpoint_every=160, eval_every=80),
-        sft_init_fraction=0.5, mmlu_scoring="cloze", answer="text",
+        sft_init_fraction=0.5, mmlu_scoring="cloze", answer="text", train_format_tokens=True,
         nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 2.0),
         triviaqa_scoring=unfamiliarity.QAScoringSettings(max_new_tokens=6, batch_size=64),
         incorrect_bins=(0, 2, 4, 6, 8, 10, 13), eval_batch_size=128,
@@ -94,18 +100,20 @@ PRESETS = {
         incorrect_bins=(0, 2, 4),
         triviaqa_scoring=unfamiliarity.QAScoringSettings(n_samples=3, max_new_tokens=4, batch_size=32),
         eval_sampling=sampling.SamplingConfig(max_new_tokens=6, temperature=1.0, batch_size=32),
-        eval_batch_size=32, curve_eval_questions=4, max_eval_questions=8, sft_init_fraction=0.5),
+        eval_batch_size=32, curve_eval_questions=4, max_eval_questions=8, sft_init_fraction=0.5,
+        train_format_tokens=True),
 }
 
 
-def rl_policy(base: models.Base, lora: models.LoraSettings, sft_cfg: sft.SFTConfig, prompts: list[str],
-              targets: list[str], init: list[int], name: str, run, seed: int, resume: bool):
+def rl_policy(base: models.Base, cfg: Exp3Config, sft_cfg: sft.SFTConfig, prompts: list[str], targets: list[str],
+              init: list[int], formats: list[str], name: str, run, seed: int, resume: bool):
     """The SFT starting point (trained on the questions `init` indexes), merged into the base weights, with a
     fresh LoRA adapter for PPO (SPEC.md 0.1); and a key naming that starting point."""
     prompts, targets = [prompts[i] for i in init], [targets[i] for i in init]
-    model = sft.finetune_lora(base, lora, sft_cfg, prompts, targets, name, run, seed=seed, resume=resume)
-    init_key = sft.adapter_dir(base, lora, sft_cfg, prompts, targets, seed).name
-    return models.add_lora(models.merge_lora(model), lora), init_key
+    sft_lora = models.with_format_tokens(cfg.lora, base.tokenizer, formats) if cfg.train_format_tokens else cfg.lora
+    model = sft.finetune_lora(base, sft_lora, sft_cfg, prompts, targets, name, run, seed=seed, resume=resume)
+    init_key = sft.adapter_dir(base, sft_lora, sft_cfg, prompts, targets, seed).name
+    return models.add_lora(models.merge_lora(model), cfg.lora), init_key
 
 
 def init_and_rl_questions(n: int, fraction: float | None, rng: np.random.Generator) -> tuple[list[int], list[int]]:
@@ -172,8 +180,8 @@ def run_mmlu(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
     targets = [tasks.ABSTAIN_LETTER if a else tasks.mmlu_sft_answer(c, int(p), cfg.answer)
                for a, c, p in zip(abstain, options, positions)]
     init, rl = init_and_rl_questions(len(pool), cfg.sft_init_fraction, rng)
-    policy, init_key = rl_policy(base, cfg.lora, cfg.mmlu_sft, prompts, targets, init, "mmlu_sft_init", run,
-                                 run_args.seed, run_args.resume)
+    policy, init_key = rl_policy(base, cfg, cfg.mmlu_sft, prompts, targets, init, [tasks.ABSTAIN_LETTER],
+                                 "mmlu_sft_init", run, run_args.seed, run_args.resume)
 
     def score(idx, texts):
         return [reward(tasks.grade_mc_answer(t, options[rl[i]], int(positions[rl[i]]), cfg.answer,
@@ -190,7 +198,8 @@ def run_mmlu(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
                 "correct_rate": np.where(frame["gt"] == "A", frame.p_A, frame.p_B).mean()}
 
     name = f"mmlu_rl{REWARD_NUMBER[reward_name]}"
-    train_policy(policy, init_key, base.tokenizer, [prompts[i] for i in rl], score, cfg, "mmlu", reward_name, run,
+    ppo_prompts = [tasks.mmlu_sft_prompt(pool[i].question, options[i], cfg.mmlu_ppo_prompt) for i in rl]
+    train_policy(policy, init_key, base.tokenizer, ppo_prompts, score, cfg, "mmlu", reward_name, run,
                  run_args.seed, run_args.resume, curve_point)
     with run.stage(f"evaluate_{name}"):
         tables = evaluation.mmlu_panel_tables(answer_distribution(eval_questions, nll_eval),
@@ -220,8 +229,9 @@ def run_triviaqa(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
     prompts = [tasks.triviaqa_sft_prompt(q.question) for q in pool]
     targets = [tasks.triviaqa_target(None if i else q.value) for q, i in zip(pool, idk)]
     init, rl = init_and_rl_questions(len(pool), cfg.sft_init_fraction, rng)
-    policy, init_key = rl_policy(base, cfg.lora, cfg.triviaqa_sft, prompts, targets, init, "triviaqa_sft_init",
-                                 run, run_args.seed, run_args.resume)
+    policy, init_key = rl_policy(base, cfg, cfg.triviaqa_sft, prompts, targets, init,
+                                 [tasks.IDK, tasks.ANSWER_PREFIX], "triviaqa_sft_init", run, run_args.seed,
+                                 run_args.resume)
 
     def score(idx, texts):
         return [reward(tasks.grade_short_answer(t, pool[rl[i]]), reward_name, "triviaqa")
@@ -245,6 +255,8 @@ def run_triviaqa(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
     bins = Bins(cfg.incorrect_bins, closed="left")
     table = evaluation.triviaqa_table(frame, bins)
     run.write_csv(f"{name}.csv", table)
+    if bins.inclusive() is not bins:
+        run.write_csv(f"{name}_inclusive.csv", evaluation.triviaqa_table(frame, bins.inclusive()))
     plotting.outcome_figure(table, bins.edges, f"TriviaQA Reward Function {REWARD_NUMBER[reward_name]}",
                             run.path(f"{name}.png"))
 
@@ -300,9 +312,12 @@ def main(argv=None) -> None:
     parser.add_argument("--replicate-kl0-quirk", action="store_true",
                         help="with KL coefficient 0, store old and reference log-probs as 1.0 as the authors' fork "
                              "did (only positive advantages then get a gradient; SPEC.md section 9 item 5)")
+    parser.add_argument("--mmlu-ppo-prompt", default="comma", choices=sorted(tasks.MMLU_PROMPT_ENDINGS),
+                        help="end the MMLU PPO prompts in ', Answer: ' like the SFT init and the evaluation (default) "
+                             "or in '\\nAnswer: ' as the authors' PPO code did (SPEC.md section 9 item 4)")
     scales.add_common_args(parser)
     args, run_args = scales.parse_run_args(EXPERIMENT, parser, argv)
-    cfg = PRESETS[run_args.preset_key]
+    cfg = replace(PRESETS[run_args.preset_key], mmlu_ppo_prompt=args.mmlu_ppo_prompt)
     if args.replicate_kl0_quirk:
         cfg = replace(cfg, mmlu_ppo=replace(cfg.mmlu_ppo, replicate_kl0_quirk=True),
                       triviaqa_ppo=replace(cfg.triviaqa_ppo, replicate_kl0_quirk=True))

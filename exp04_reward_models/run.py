@@ -25,6 +25,7 @@ from common.buckets import Bins, occupied, summarize_by_bin  # noqa: E402
 
 EXPERIMENT = "exp04_reward_models"
 UNFAMILIAR_REWARD = {1: 1, 2: 0}  # the label every unfamiliar finetuning example carries, per distribution
+REWARD_COLUMNS = ["p_right", "p_wrong"]  # P(reward 1) for each held-out question's right and wrong answer
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class Exp4Config:
     balance_groups: bool = True  # off only for the micro preset, whose untrained world knows nothing
     eval_batch_size: int = 32
     max_eval_questions: int | None = None
+    # > 0: the reward model reads familiar examples alone for this many steps, then the whole mix (a curriculum;
+    # synthetic scale, measured in the README); 0: the examples shuffled together, as the paper
+    familiar_first_steps: int = 0
+    checkpoint: str = "authors"  # the checkpoint rule, one of sft.CHECKPOINT_RULES (--checkpoint)
 
 
 PRESETS = {
@@ -139,6 +144,17 @@ def triviaqa_examples(questions: list[tasks.QAQuestion], unfamiliar: np.ndarray,
     return prompts, rows
 
 
+def familiar_first(prompts: list[str], rows: pd.DataFrame, steps: int, sft_cfg: sft.SFTConfig, seed: int
+                   ) -> tuple[list[str], pd.DataFrame]:
+    """The examples in the order the reward model reads them (`shuffle=False`): `steps` batches of familiar
+    examples, then batches of the whole mix until `sft_cfg.total_steps`, each block shuffled and cycled."""
+    rng = np.random.default_rng([seed, 43])
+    first = np.resize(rng.permutation(np.flatnonzero(rows.familiar.to_numpy())), steps * sft_cfg.batch_size)
+    rest = np.resize(rng.permutation(len(rows)), (sft_cfg.total_steps - steps) * sft_cfg.batch_size)
+    order = np.concatenate([first, rest])
+    return [prompts[i] for i in order], rows.iloc[order].reset_index(drop=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation: every held-out question with its right and a wrong answer
 
@@ -151,7 +167,7 @@ def evaluate(model, tokenizer, ids: list[str], right: list[str], wrong: list[str
                              reward_format)
     frame = pd.DataFrame({"question": ids, "score": scores, "p_right": p[: len(right)], "p_wrong": np.nan})
     frame.loc[has_wrong, "p_wrong"] = p[len(right):]
-    return frame, summarize_by_bin(frame, "score", bins, ["p_right", "p_wrong"])
+    return frame, summarize_by_bin(frame, "score", bins, REWARD_COLUMNS)
 
 
 def run_mmlu(base, cfg: Exp4Config, distributions: list[int], run, run_args) -> None:
@@ -173,12 +189,21 @@ def run_mmlu(base, cfg: Exp4Config, distributions: list[int], run, run_args) -> 
              for q in eval_questions]
     wrong = [tasks.mmlu_rm_prompt(q.question, q.choices, mmlu_candidate(q.choices, q.answer, 0, cfg.mmlu_answer, rng))
              for q in eval_questions]
+    train_idx, val_idx = sft.validation_split(len(pool), cfg.checkpoint, run_args.seed)
+    examples, validation = {}, {}
     for distribution in distributions:
-        prompts, rows = mmlu_examples(pool, familiar, distribution, cfg, np.random.default_rng([run_args.seed,
-                                                                                               41, distribution]))
-        train_and_evaluate("mmlu", distribution, prompts, rows, cfg.mmlu_sft, [q.question for q in eval_questions],
-                           right, wrong, nll_eval,
-                           Bins(cfg.nll_bins, closed="left"), base, cfg, run, run_args)
+        rng = np.random.default_rng([run_args.seed, 41, distribution])
+        examples[distribution] = training_examples(
+            f"mmlu_rm{distribution}", mmlu_examples([pool[i] for i in train_idx], familiar[train_idx], distribution,
+                                                    cfg, rng), cfg.mmlu_sft, cfg, run, run_args)
+        if len(val_idx):
+            validation[distribution] = mmlu_examples([pool[i] for i in val_idx], familiar[val_idx], distribution,
+                                                     cfg, rng)
+    step = checkpoint_step("mmlu", examples, validation, cfg.mmlu_sft, base, cfg, run, run_args)
+    for distribution in distributions:
+        train_and_evaluate("mmlu", distribution, *examples[distribution], cfg.mmlu_sft,
+                           [q.question for q in eval_questions], right, wrong, nll_eval,
+                           Bins(cfg.nll_bins, closed="left"), base, cfg, run, run_args, step)
 
 
 def run_triviaqa(base, cfg: Exp4Config, distributions: list[int], run, run_args) -> None:
@@ -208,29 +233,74 @@ def run_triviaqa(base, cfg: Exp4Config, distributions: list[int], run, run_args)
     right = [tasks.triviaqa_rm_prompt(q.question, q.value, cfg.normalize_answers) for q in eval_questions]
     wrong = [tasks.triviaqa_rm_prompt(q.question, w, cfg.normalize_answers) if w else None
              for q, w in zip(eval_questions, wrong_eval)]
+    train_idx, val_idx = sft.validation_split(len(pool), cfg.checkpoint, run_args.seed)
+    examples, validation = {}, {}
     for distribution in distributions:
-        prompts, rows = triviaqa_examples(pool, unfamiliar, wrong_pool, distribution, cfg,
-                                          np.random.default_rng([run_args.seed, 42, distribution]))
-        train_and_evaluate("triviaqa", distribution, prompts, rows, cfg.triviaqa_sft,
+        rng = np.random.default_rng([run_args.seed, 42, distribution])
+        examples[distribution] = training_examples(
+            f"triviaqa_rm{distribution}", triviaqa_examples([pool[i] for i in train_idx], unfamiliar[train_idx],
+                                                            wrong_pool[train_idx], distribution, cfg, rng),
+            cfg.triviaqa_sft, cfg, run, run_args)
+        if len(val_idx):
+            validation[distribution] = triviaqa_examples([pool[i] for i in val_idx], unfamiliar[val_idx],
+                                                         wrong_pool[val_idx], distribution, cfg, rng)
+    step = checkpoint_step("triviaqa", examples, validation, cfg.triviaqa_sft, base, cfg, run, run_args)
+    for distribution in distributions:
+        train_and_evaluate("triviaqa", distribution, *examples[distribution], cfg.triviaqa_sft,
                            [q.question_id for q in eval_questions], right, wrong, incorrect_eval,
-                           Bins(cfg.incorrect_bins, closed="left"), base, cfg, run, run_args)
+                           Bins(cfg.incorrect_bins, closed="left"), base, cfg, run, run_args, step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The checkpoint rule (SPEC.md section 8): the preset's step, or one step for both distributions' reward models
+
+def training_examples(name: str, examples: tuple[list[str], pd.DataFrame], sft_cfg: sft.SFTConfig,
+                      cfg: Exp4Config, run, run_args) -> tuple[list[str], pd.DataFrame]:
+    """The examples a reward model trains on, in the order it reads them; their labels are counted in the
+    manifest."""
+    rows = examples[1]
+    run.extra[f"{name}_examples"] = {group: rows[rows.familiar == (group == "familiar")].reward.value_counts()
+                                     .sort_index().to_dict() for group in ("familiar", "unfamiliar")}
+    if not cfg.familiar_first_steps:
+        return examples
+    return familiar_first(*examples, cfg.familiar_first_steps, sft_cfg, run_args.seed)
+
+
+def recalled_answers(rows: pd.DataFrame, cfg: Exp4Config) -> list[str] | None:
+    return rows.recalled.tolist() if cfg.reward_format == "recall" else None
+
+
+def checkpoint_step(task: str, examples: dict, validation: dict, sft_cfg: sft.SFTConfig, base, cfg: Exp4Config, run,
+                    run_args) -> int:
+    """The step both distributions' reward models are read at; recorded in the manifest."""
+    if not validation:
+        run.extra[f"{task}_checkpoint_step"] = sft_cfg.total_steps
+        return sft_cfg.total_steps
+
+    def pairs(prompts, rows):
+        return prompts, reward_model.targets(rows.reward.tolist(), recalled_answers(rows, cfg))
+    methods = {f"{task}_rm{d}": (pairs(*examples[d]), pairs(*validation[d])) for d in examples}
+    step = sft.select_uniform_step(base, cfg.lora, sft_cfg, methods, run, run_args.seed, run_args.resume,
+                                   table=f"{task}_checkpoint_selection.csv", shuffle=not cfg.familiar_first_steps)
+    run.extra[f"{task}_checkpoint_step"] = step
+    return step
 
 
 def train_and_evaluate(task: str, distribution: int, prompts: list[str], rows: pd.DataFrame, sft_cfg: sft.SFTConfig,
                        ids: list[str], right: list[str], wrong: list[str | None], scores: np.ndarray, bins: Bins, base,
-                       cfg: Exp4Config, run, run_args) -> None:
+                       cfg: Exp4Config, run, run_args, step: int) -> None:
     name = f"{task}_rm{distribution}"
-    run.extra[f"{name}_examples"] = {group: rows[rows.familiar == (group == "familiar")].reward.value_counts()
-                                     .sort_index().to_dict() for group in ("familiar", "unfamiliar")}
-    recalled = rows.recalled.tolist() if cfg.reward_format == "recall" else None
     model = reward_model.train(base, cfg.lora, sft_cfg, prompts, rows.reward.tolist(), name, run,
-                               seed=run_args.seed, resume=run_args.resume, recalled=recalled)
+                               seed=run_args.seed, resume=run_args.resume, recalled=recalled_answers(rows, cfg),
+                               at_step=step, shuffle=not cfg.familiar_first_steps)
     with run.stage(f"evaluate_{name}"):
         frame, table = evaluate(model, base.tokenizer, ids, right, wrong, scores, bins, cfg.eval_batch_size,
                                 cfg.reward_format)
         base.model = model.unload()
     run.write_csv(f"{name}_predictions.csv", frame)
     run.write_csv(f"{name}.csv", table)
+    if bins.inclusive() is not bins:
+        run.write_csv(f"{name}_inclusive.csv", summarize_by_bin(frame, "score", bins.inclusive(), REWARD_COLUMNS))
     title = f"{'MMLU' if task == 'mmlu' else 'TriviaQA'} Finetuning Distribution {distribution}"
     if task == "mmlu":
         plotting.reward_lines(table, title, run.path(f"{name}.png"))
@@ -275,15 +345,16 @@ def main(argv=None) -> None:
     parser.add_argument("--authors-composition", action="store_true",
                         help="every familiar question gives a reward-1 and a reward-0 example (familiar:unfamiliar "
                              "2:1), as the authors' code did (SPEC.md section 9 item 8)")
+    scales.add_checkpoint_arg(parser)
     scales.add_common_args(parser)
     args, run_args = scales.parse_run_args(EXPERIMENT, parser, argv)
-    cfg = PRESETS[run_args.preset_key]
+    cfg = replace(PRESETS[run_args.preset_key], checkpoint=args.checkpoint)
     if args.authors_composition:
         cfg = replace(cfg, authors_composition=True)
     distributions = [1, 2] if args.distribution == "all" else [int(args.distribution)]
     task_names = ["mmlu", "triviaqa"] if args.task == "both" else [args.task]
     run = results.Run(run_args.out, EXPERIMENT, run_args.scale, run_args.preset, run_args.seed,
-                      config=asdict(cfg) | {"distributions": distributions, "tasks": task_names})
+                      config=asdict(cfg) | {"distributions": distributions, "tasks": task_names,})
 
     with run.stage("load_base_model"):
         base = models.load_base(run_args.scale, run_args.preset, run_args.seed, cache_hits=run.cache_hits)

@@ -19,6 +19,16 @@ def test_left_closed_bins_triviaqa_correct_counts():
     assert got.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, -1]
 
 
+def test_inclusive_variant_keeps_the_all_correct_questions():
+    # The paper's bins on #incorrect of 12: [1,3), ..., [11,13); 0 incorrect (12/12 correct) is dropped.
+    paper = Bins((1, 3, 5, 7, 9, 11, 13), closed="left")
+    assert paper.assign([0, 1, 2, 12]).tolist() == [-1, 0, 0, 5]
+    assert paper.inclusive().edges == (0, 3, 5, 7, 9, 11, 13)
+    assert paper.inclusive().assign([0, 1, 2, 3, 12]).tolist() == [0, 0, 0, 1, 5]
+    already = Bins((0, 2, 13), closed="left")
+    assert already.inclusive() is already
+
+
 def test_right_closed_bins():
     assert Bins((0, 1, 2), closed="right").assign([0, 0.5, 1, 2, 2.5]).tolist() == [-1, 0, 0, 1, -1]
 

@@ -137,6 +137,17 @@ def test_triviaqa_examples_balance_groups_and_skip_questions_without_a_wrong_ans
     assert (rows[~rows.familiar].reward == 1).all()
 
 
+def test_familiar_first_curriculum_reads_familiar_batches_then_the_mix():
+    rows = pd.DataFrame({"question": [0, 1, 2, 3], "reward": [1, 0, 1, 1], "familiar": [True, True, False, False]})
+    prompts = ["p0", "p1", "p2", "p3"]
+    cfg = sft.SFTConfig(batch_size=2, total_steps=5)
+    ordered, ordered_rows = exp04.familiar_first(prompts, rows, 2, cfg, seed=0)
+    assert len(ordered) == len(ordered_rows) == 10  # one example per batch slot of the 5 steps
+    assert sorted(ordered[:4]) == ["p0", "p0", "p1", "p1"]  # steps 1-2: the familiar examples, each twice
+    assert sorted(ordered[4:8]) == prompts  # steps 3-4: one pass over the whole mix, then it cycles
+    assert ordered_rows.question.tolist() == [int(p[1]) for p in ordered]
+
+
 def test_exp04_claims_from_hand_made_tables(tmp_path):
     def table(right, wrong):
         return pd.DataFrame({"count": [10, 0, 10], "p_right_mean": [right[0], np.nan, right[1]],

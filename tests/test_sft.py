@@ -1,9 +1,10 @@
 import math
+import types
 
 import pytest
 import torch
 
-from common import models, sft
+from common import models, sft, training
 from conftest import tiny_llama
 
 
@@ -103,3 +104,44 @@ def test_nan_loss_stops_with_step_and_checkpoint(tiny_tokenizer, tmp_path):
 def test_mismatched_pairs_are_rejected(tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError):
         sft.train_sft(lora_model(tiny_tokenizer), tiny_tokenizer, PROMPTS, RESPONSES[:2], sft.SFTConfig(), tmp_path, 0)
+
+
+def test_uniform_checkpoint_rule_by_hand():
+    # mean validation loss: step 1000 (1.0 + 0.5) / 2 = 0.75, 2000 0.625, 3000 0.625 -> the earliest of the tie
+    losses = {"dist1": {1000: 1.0, 2000: 0.5, 3000: 0.75}, "dist2": {1000: 0.5, 2000: 0.75, 3000: 0.5, 4000: 0.0}}
+    assert training.uniform_step(losses) == 2000  # 4000 is not a step both methods saved
+    with pytest.raises(ValueError, match="share no checkpoint"):
+        training.uniform_step({"a": {1: 0.1}, "b": {2: 0.1}})
+
+
+def test_validation_split_holds_out_a_tenth_only_under_the_uniform_rule():
+    train, val = sft.validation_split(50, "uniform", seed=0)
+    assert len(val) == 5 and len(train) == 45 and sorted(set(train) | set(val)) == list(range(50))
+    train, val = sft.validation_split(50, "authors", seed=0)
+    assert train.tolist() == list(range(50)) and len(val) == 0
+    with pytest.raises(ValueError, match="checkpoint rule"):
+        sft.validation_split(50, "best", seed=0)
+
+
+def test_checkpoint_losses_score_each_checkpoint_on_the_held_out_pairs(tiny_tokenizer, tmp_path):
+    model = lora_model(tiny_tokenizer)
+    cfg = sft.SFTConfig(lr=1e-2, eta_min=1e-2, batch_size=3, total_steps=40, checkpoint_every=20)
+    sft.train_sft(model, tiny_tokenizer, PROMPTS, RESPONSES, cfg, tmp_path, seed=0)
+    losses = sft.checkpoint_losses(model, tiny_tokenizer, tmp_path, PROMPTS[:2], RESPONSES[:2], batch_size=1)
+    assert sorted(losses) == [20, 40] and losses[40] < losses[20]
+    # the loss at step 20 is the token mean over both pairs, recomputed here with that checkpoint's weights
+    training.load_weights(model, tmp_path / "checkpoint-000020")
+    batch = sft.collate([sft.encode_pair(tiny_tokenizer, p, r, 64) for p, r in zip(PROMPTS[:2], RESPONSES[:2])],
+                        tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert losses[20] == pytest.approx(sft.response_loss(logits, batch["labels"]).item(), rel=1e-5)
+
+
+def test_reading_pairs_in_order_is_its_own_cache_entry(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNFAMILIAR_CACHE", str(tmp_path))
+    base = types.SimpleNamespace(key="base")
+    cfg = sft.SFTConfig()
+    shuffled = sft.adapter_dir(base, models.LoraSettings(), cfg, PROMPTS, RESPONSES, seed=0)
+    assert sft.adapter_dir(base, models.LoraSettings(), cfg, PROMPTS, RESPONSES, 0, shuffle=True) == shuffled
+    assert sft.adapter_dir(base, models.LoraSettings(), cfg, PROMPTS, RESPONSES, 0, shuffle=False) != shuffled

@@ -52,6 +52,18 @@ def test_exp01_micro_run_writes_panels_claims_and_resumes_from_cache(tmp_path):
     assert manifest["cache_hits"]["sft_dist1"] and manifest["cache_hits"]["sft_dist2"]
 
 
+def test_exp01_uniform_checkpoint_rule_reads_both_distributions_at_one_validated_step(tmp_path):
+    run_module(["exp01_mmlu_sft/run.py", "--scale", "synthetic", "--checkpoint", "uniform"], tmp_path)
+    selection = pd.read_csv(tmp_path / "checkpoint_selection.csv")
+    assert list(selection.columns) == ["step", "dist1", "dist2", "chosen"] and selection.step.tolist() == [2, 4]
+    chosen = selection[selection.chosen]
+    assert len(chosen) == 1
+    assert (chosen.dist1 + chosen.dist2).iloc[0] == (selection.dist1 + selection.dist2).min()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["checkpoint_step"] == chosen.step.iloc[0] and manifest["config"]["checkpoint"] == "uniform"
+    assert len(json.loads((tmp_path / "claims.json").read_text())["claims"]) == 4
+
+
 def test_exp02_micro_run_writes_bars_and_claims(tmp_path):
     run_module(["exp02_triviaqa_sft/run.py", "--scale", "synthetic"], tmp_path)
     claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
@@ -64,6 +76,8 @@ def test_exp02_micro_run_writes_bars_and_claims(tmp_path):
         total = shown.correct_mean + shown.idk_mean + shown.incorrect_mean
         assert total.round(6).eq(1.0).all()  # the three outcomes partition every bin
         assert (tmp_path / f"triviaqa_sft{d}.png").exists()
+        # the micro bins start at 1 incorrect sample, as the paper's: the inclusive variant counts every question
+        assert pd.read_csv(tmp_path / f"triviaqa_sft{d}_inclusive.csv")["count"].sum() == 12
 
 
 def test_exp03_micro_run_trains_both_tasks_and_keeps_the_other_rewards_results(tmp_path):

@@ -82,6 +82,12 @@ def test_mmlu_sft_prompt_has_space_before_comma():
     assert tasks.mmlu_sft_prompt("Q?", ("w", "x", "y", "z")) == "Q? A) w B) x C) y D) z , Answer: "
 
 
+def test_mmlu_ppo_prompt_alternative_ends_in_newline():
+    assert tasks.mmlu_sft_prompt("Q?", ("w", "x", "y", "z"), "newline") == "Q? A) w B) x C) y D) z \nAnswer: "
+    with pytest.raises(ValueError, match="prompt ending"):
+        tasks.mmlu_sft_prompt("Q?", ("w", "x", "y", "z"), "semicolon")
+
+
 def test_mmlu_sft_answer_formats():
     assert tasks.mmlu_sft_answer(("w", "x", "y", "z"), 2) == "C"
     assert tasks.mmlu_sft_answer(("w", "x", "y", "z"), 2, "text") == "y"
