@@ -129,8 +129,9 @@ class Run:
         try:
             yield
         finally:
-            self.timings[name] = round(time.time() - t0, 2) + self.timings.get(name, 0.0)
-            log.info("stage %s done in %.1fs", name, self.timings[name])
+            took = time.time() - t0
+            self.timings[name] = round(took + self.timings.get(name, 0.0), 2)  # a repeated stage adds up
+            log.info("stage %s done in %.1fs", name, took)
 
     def path(self, name: str) -> Path:
         return self.out_dir / name

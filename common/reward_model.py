@@ -41,13 +41,11 @@ def targets(rewards: Sequence[int], recalled: Sequence[str] | None = None) -> li
 
 
 def train(base, lora, cfg: sft.SFTConfig, prompts: Sequence[str], rewards: Sequence[int], name: str, run, seed: int,
-          resume: bool = False, recalled: Sequence[str] | None = None, at_step: int | None = None,
-          shuffle: bool = True):
+          resume: bool = False, recalled: Sequence[str] | None = None, at_step: int | None = None):
     """A fresh LoRA adapter on `base.model`, SFT'd on `targets(rewards, recalled)` (cached like every SFT
-    adapter; `shuffle=False` keeps the examples' order), at its checkpoint `at_step` if given. Returns the adapted
-    model; `.unload()` gives the base back."""
+    adapter), at its checkpoint `at_step` if given. Returns the adapted model; `.unload()` gives the base back."""
     return sft.finetune_lora(base, lora, cfg, prompts, targets(rewards, recalled), name, run, seed=seed,
-                             resume=resume, at_step=at_step, shuffle=shuffle)
+                             resume=resume, at_step=at_step)
 
 
 def predict(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, reward_format: str = "direct"

@@ -82,19 +82,19 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], cfg: SFTConfig, out_dir: Path,
               seed: int, resume: bool = False, desc: str = "sft",
-              on_checkpoint: Callable[[int, Path], None] | None = None, shuffle: bool = True) -> pd.DataFrame:
+              on_checkpoint: Callable[[int, Path], None] | None = None) -> pd.DataFrame:
     """Train the trainable (LoRA) parameters of `model` on the pairs; returns the loss history.
 
     If `out_dir` already holds the final checkpoint, it is loaded instead of training (callers key `out_dir` by
     everything the run depends on); an unfinished run there is continued when `resume` is set.
 
     The pairs are shuffled once with `seed` and then read in order, cycling (the fork's unshuffled loader over a
-    once-shuffled list); `shuffle=False` reads them in the order given (a curriculum the caller laid out).
+    once-shuffled list).
     """
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need equally many prompts and responses, got {len(prompts)} and {len(responses)}")
     out_dir = Path(out_dir)
-    order = np.random.default_rng([seed, 21]).permutation(len(prompts)) if shuffle else np.arange(len(prompts))
+    order = np.random.default_rng([seed, 21]).permutation(len(prompts))
     encoded = [encode_pair(tokenizer, prompts[i], responses[i], cfg.max_length) for i in order]
     optimizer, scheduler = training.make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     torch.manual_seed(seed)  # a loaded checkpoint restores the RNG it saved
@@ -173,16 +173,15 @@ Pairs = tuple[list[str], list[str]]
 
 
 def select_uniform_step(base, lora, cfg: SFTConfig, methods: dict[str, tuple[Pairs, Pairs]], run, seed: int,
-                        resume: bool = False, table: str = "checkpoint_selection.csv", shuffle: bool = True) -> int:
+                        resume: bool = False, table: str = "checkpoint_selection.csv") -> int:
     """Train (or load) every compared method, each {name: ((prompts, targets), (validation prompts, validation
     targets))}, score every checkpoint on its validation pairs, write the losses to `table` and return the step
     with the lowest mean loss (`training.uniform_step`)."""
     losses = {}
     for name, ((prompts, targets), validation) in methods.items():
-        model = finetune_lora(base, lora, cfg, prompts, targets, name, run, seed=seed, resume=resume,
-                              shuffle=shuffle)
+        model = finetune_lora(base, lora, cfg, prompts, targets, name, run, seed=seed, resume=resume)
         with run.stage(f"validate_{name}"):
-            out_dir = adapter_dir(base, lora, cfg, prompts, targets, seed, shuffle)
+            out_dir = adapter_dir(base, lora, cfg, prompts, targets, seed)
             losses[name] = checkpoint_losses(model, base.tokenizer, out_dir, *validation)
         base.model = model.unload()
     step = training.uniform_step(losses)
@@ -192,26 +191,23 @@ def select_uniform_step(base, lora, cfg: SFTConfig, methods: dict[str, tuple[Pai
     return step
 
 
-def adapter_dir(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses: Sequence[str], seed: int,
-                shuffle: bool = True) -> Path:
-    """Where the adapter for these settings and pairs is cached; its name identifies the finetuned model. (Reading
-    the pairs in the given order adds a part to the key; shuffled runs keep the keys they always had.)"""
-    in_order = [] if shuffle else ["pairs read in the given order"]
-    return cache.cache_dir("sft", base.key, lora, cfg, seed, list(prompts), list(responses), *in_order)
+def adapter_dir(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses: Sequence[str], seed: int) -> Path:
+    """Where the adapter for these settings and pairs is cached; its name identifies the finetuned model."""
+    return cache.cache_dir("sft", base.key, lora, cfg, seed, list(prompts), list(responses))
 
 
 def finetune_lora(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses: Sequence[str], name: str, run,
-                  seed: int, resume: bool = False, at_step: int | None = None, shuffle: bool = True):
+                  seed: int, resume: bool = False, at_step: int | None = None):
     """Add a fresh LoRA adapter to `base.model` and SFT it on the pairs, or load the finished adapter from the
     cache (keyed by the base model, every setting and every pair); `at_step` then puts an earlier checkpoint's
     weights in (the checkpoint rule). Returns the adapted model; call `.unload()` on it to get the untouched base
     back for the next variant."""
     model = models.add_lora(base.model, lora)
-    out_dir = adapter_dir(base, lora, cfg, prompts, responses, seed, shuffle)
+    out_dir = adapter_dir(base, lora, cfg, prompts, responses, seed)
     run.cache_hits[f"sft_{name}"] = training.is_finished(out_dir, cfg)
     with run.stage(f"sft_{name}"):
         history = train_sft(model, base.tokenizer, prompts, responses, cfg, out_dir, seed=seed, resume=resume,
-                            desc=f"SFT {name}", shuffle=shuffle)
+                            desc=f"SFT {name}")
     run.write_csv(f"sft_{name}_history.csv", history)
     if at_step is not None and at_step != cfg.total_steps:
         ckpt = out_dir / f"checkpoint-{at_step:06d}"

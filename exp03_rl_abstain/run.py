@@ -39,11 +39,6 @@ class Exp3Config:
     lora: models.LoraSettings = field(default_factory=models.LoraSettings)
     abstain_fraction: float = 0.5  # MMLU init: each target independently replaced by "E" (SPEC.md section 4)
     idk_fraction: float = 0.4  # TriviaQA init: a random 40% of the targets are "I don't know."
-    # None: the SFT starting point and PPO use the whole finetuning pool, as the authors did (their SFT sees each
-    # question less than once). A fraction: the SFT starting point learns from that share of the pool and PPO
-    # runs on the rest, because many SFT epochs over a small pool memorise the answers, and PPO would then reward
-    # answering questions the base model never knew.
-    sft_init_fraction: float | None = None
     mmlu_scoring: str = "letter"
     answer: str = "letter"  # the MMLU answer format, one of tasks.MC_ANSWER_FORMATS
     # How the MMLU PPO prompts end: "comma" as the SFT init and the evaluation ([PROPOSED]), or "newline" as the
@@ -84,7 +79,7 @@ PRESETS = {
         triviaqa_ppo=ppo.PPOConfig(lr=3e-3, eta_min=3e-3, cliprange=0.2, total_steps=480, num_rollouts=512,
                                    chunk_size=256, batch_size=128, ppo_epochs=4, vf_only_steps=16,
                                    init_kl_coef=0.1, max_new_tokens=12, checkpoint_every=160, eval_every=80),
-        sft_init_fraction=0.5, mmlu_scoring="cloze", answer="text", train_format_tokens=True,
+        mmlu_scoring="cloze", answer="text", train_format_tokens=True,
         nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 2.0),
         triviaqa_scoring=unfamiliarity.QAScoringSettings(max_new_tokens=6, batch_size=64),
         incorrect_bins=(0, 2, 4, 6, 8, 10, 13), eval_batch_size=128,
@@ -100,29 +95,18 @@ PRESETS = {
         incorrect_bins=(0, 2, 4),
         triviaqa_scoring=unfamiliarity.QAScoringSettings(n_samples=3, max_new_tokens=4, batch_size=32),
         eval_sampling=sampling.SamplingConfig(max_new_tokens=6, temperature=1.0, batch_size=32),
-        eval_batch_size=32, curve_eval_questions=4, max_eval_questions=8, sft_init_fraction=0.5,
-        train_format_tokens=True),
+        eval_batch_size=32, curve_eval_questions=4, max_eval_questions=8, train_format_tokens=True),
 }
 
 
 def rl_policy(base: models.Base, cfg: Exp3Config, sft_cfg: sft.SFTConfig, prompts: list[str], targets: list[str],
-              init: list[int], formats: list[str], name: str, run, seed: int, resume: bool):
-    """The SFT starting point (trained on the questions `init` indexes), merged into the base weights, with a
-    fresh LoRA adapter for PPO (SPEC.md 0.1); and a key naming that starting point."""
-    prompts, targets = [prompts[i] for i in init], [targets[i] for i in init]
+              formats: list[str], name: str, run, seed: int, resume: bool):
+    """The SFT starting point (on the whole finetuning pool, as PPO), merged into the base weights, with a fresh
+    LoRA adapter for PPO (SPEC.md 0.1); and a key naming that starting point."""
     sft_lora = models.with_format_tokens(cfg.lora, base.tokenizer, formats) if cfg.train_format_tokens else cfg.lora
     model = sft.finetune_lora(base, sft_lora, sft_cfg, prompts, targets, name, run, seed=seed, resume=resume)
     init_key = sft.adapter_dir(base, sft_lora, sft_cfg, prompts, targets, seed).name
     return models.add_lora(models.merge_lora(model), cfg.lora), init_key
-
-
-def init_and_rl_questions(n: int, fraction: float | None, rng: np.random.Generator) -> tuple[list[int], list[int]]:
-    """Indices of the finetuning questions the SFT starting point learns from, and of those PPO trains on."""
-    if fraction is None:
-        return list(range(n)), list(range(n))
-    order = rng.permutation(n).tolist()
-    cut = round(fraction * n)
-    return sorted(order[:cut]), sorted(order[cut:])
 
 
 def train_policy(policy, init_key: str, tokenizer, prompts: list[str], score, cfg: Exp3Config, task: str,
@@ -179,12 +163,11 @@ def run_mmlu(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
     abstain = rng.random(len(pool)) < cfg.abstain_fraction
     targets = [tasks.ABSTAIN_LETTER if a else tasks.mmlu_sft_answer(c, int(p), cfg.answer)
                for a, c, p in zip(abstain, options, positions)]
-    init, rl = init_and_rl_questions(len(pool), cfg.sft_init_fraction, rng)
-    policy, init_key = rl_policy(base, cfg, cfg.mmlu_sft, prompts, targets, init, [tasks.ABSTAIN_LETTER],
+    policy, init_key = rl_policy(base, cfg, cfg.mmlu_sft, prompts, targets, [tasks.ABSTAIN_LETTER],
                                  "mmlu_sft_init", run, run_args.seed, run_args.resume)
 
     def score(idx, texts):
-        return [reward(tasks.grade_mc_answer(t, options[rl[i]], int(positions[rl[i]]), cfg.answer,
+        return [reward(tasks.grade_mc_answer(t, options[i], int(positions[i]), cfg.answer,
                                              allow_abstain=True), reward_name, "mmlu") for i, t in zip(idx, texts)]
 
     def answer_distribution(questions, nll, gt_letters=tasks.LETTERS[:2]):
@@ -198,7 +181,7 @@ def run_mmlu(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
                 "correct_rate": np.where(frame["gt"] == "A", frame.p_A, frame.p_B).mean()}
 
     name = f"mmlu_rl{REWARD_NUMBER[reward_name]}"
-    ppo_prompts = [tasks.mmlu_sft_prompt(pool[i].question, options[i], cfg.mmlu_ppo_prompt) for i in rl]
+    ppo_prompts = [tasks.mmlu_sft_prompt(q.question, c, cfg.mmlu_ppo_prompt) for q, c in zip(pool, options)]
     train_policy(policy, init_key, base.tokenizer, ppo_prompts, score, cfg, "mmlu", reward_name, run,
                  run_args.seed, run_args.resume, curve_point)
     with run.stage(f"evaluate_{name}"):
@@ -228,13 +211,12 @@ def run_triviaqa(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
     idk[rng.choice(len(pool), size=round(cfg.idk_fraction * len(pool)), replace=False)] = True
     prompts = [tasks.triviaqa_sft_prompt(q.question) for q in pool]
     targets = [tasks.triviaqa_target(None if i else q.value) for q, i in zip(pool, idk)]
-    init, rl = init_and_rl_questions(len(pool), cfg.sft_init_fraction, rng)
-    policy, init_key = rl_policy(base, cfg, cfg.triviaqa_sft, prompts, targets, init,
+    policy, init_key = rl_policy(base, cfg, cfg.triviaqa_sft, prompts, targets,
                                  [tasks.IDK, tasks.ANSWER_PREFIX], "triviaqa_sft_init", run, run_args.seed,
                                  run_args.resume)
 
     def score(idx, texts):
-        return [reward(tasks.grade_short_answer(t, pool[rl[i]]), reward_name, "triviaqa")
+        return [reward(tasks.grade_short_answer(t, pool[i]), reward_name, "triviaqa")
                 for i, t in zip(idx, texts)]
 
     def outcomes(questions, n_incorrect):
@@ -247,7 +229,7 @@ def run_triviaqa(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
         return {"abstain_rate": frame.idk.mean(), "correct_rate": frame.correct.mean()}
 
     name = f"triviaqa_rl{REWARD_NUMBER[reward_name]}"
-    train_policy(policy, init_key, base.tokenizer, [prompts[i] for i in rl], score, cfg, "triviaqa", reward_name,
+    train_policy(policy, init_key, base.tokenizer, prompts, score, cfg, "triviaqa", reward_name,
                  run, run_args.seed, run_args.resume, curve_point)
     with run.stage(f"evaluate_{name}"):
         frame = outcomes(eval_questions, incorrect_eval)

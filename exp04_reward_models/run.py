@@ -50,9 +50,6 @@ class Exp4Config:
     balance_groups: bool = True  # off only for the micro preset, whose untrained world knows nothing
     eval_batch_size: int = 32
     max_eval_questions: int | None = None
-    # > 0: the reward model reads familiar examples alone for this many steps, then the whole mix (a curriculum;
-    # synthetic scale, measured in the README); 0: the examples shuffled together, as the paper
-    familiar_first_steps: int = 0
     checkpoint: str = "authors"  # the checkpoint rule, one of sft.CHECKPOINT_RULES (--checkpoint)
 
 
@@ -65,10 +62,13 @@ PRESETS = {
         triviaqa_sft=sft.SFTConfig(lr=1e-5, batch_size=30, total_steps=8000, t_max=10_000, eta_min=1e-5,
                                    checkpoint_every=1000)),
     # The synthetic tokenizer knows only the written forms of answers (no lowercase city names), and its model
-    # cannot bind letters to options (exp01 README), so candidates are written as the option's text.
+    # cannot bind letters to options (exp01 README), so candidates are written as the option's text. The authors'
+    # composition, measured on the capable world, seed 0 (README): with the paper's, a distribution-1 reward model
+    # copies the candidate and approves it on familiar TriviaQA questions too (P(reward 1 | wrong) 0.43 in the most
+    # familiar bin; 0.18 with every familiar question shown with both labels).
     "synthetic": Exp4Config(
         mmlu_sft=sft.SYNTHETIC_SFT, triviaqa_sft=sft.SYNTHETIC_SFT, reward_format="recall", mmlu_scoring="cloze",
-        mmlu_answer="text",
+        mmlu_answer="text", authors_composition=True,
         triviaqa_scoring=unfamiliarity.QAScoringSettings(max_new_tokens=6, batch_size=64), normalize_answers=False,
         nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 2.0), incorrect_bins=(0, 2, 4, 6, 8, 10, 13), eval_batch_size=256),
     "micro": Exp4Config(
@@ -144,17 +144,6 @@ def triviaqa_examples(questions: list[tasks.QAQuestion], unfamiliar: np.ndarray,
     return prompts, rows
 
 
-def familiar_first(prompts: list[str], rows: pd.DataFrame, steps: int, sft_cfg: sft.SFTConfig, seed: int
-                   ) -> tuple[list[str], pd.DataFrame]:
-    """The examples in the order the reward model reads them (`shuffle=False`): `steps` batches of familiar
-    examples, then batches of the whole mix until `sft_cfg.total_steps`, each block shuffled and cycled."""
-    rng = np.random.default_rng([seed, 43])
-    first = np.resize(rng.permutation(np.flatnonzero(rows.familiar.to_numpy())), steps * sft_cfg.batch_size)
-    rest = np.resize(rng.permutation(len(rows)), (sft_cfg.total_steps - steps) * sft_cfg.batch_size)
-    order = np.concatenate([first, rest])
-    return [prompts[i] for i in order], rows.iloc[order].reset_index(drop=True)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation: every held-out question with its right and a wrong answer
 
@@ -193,9 +182,8 @@ def run_mmlu(base, cfg: Exp4Config, distributions: list[int], run, run_args) -> 
     examples, validation = {}, {}
     for distribution in distributions:
         rng = np.random.default_rng([run_args.seed, 41, distribution])
-        examples[distribution] = training_examples(
-            f"mmlu_rm{distribution}", mmlu_examples([pool[i] for i in train_idx], familiar[train_idx], distribution,
-                                                    cfg, rng), cfg.mmlu_sft, cfg, run, run_args)
+        examples[distribution] = mmlu_examples([pool[i] for i in train_idx], familiar[train_idx], distribution, cfg,
+                                               rng)
         if len(val_idx):
             validation[distribution] = mmlu_examples([pool[i] for i in val_idx], familiar[val_idx], distribution,
                                                      cfg, rng)
@@ -237,10 +225,8 @@ def run_triviaqa(base, cfg: Exp4Config, distributions: list[int], run, run_args)
     examples, validation = {}, {}
     for distribution in distributions:
         rng = np.random.default_rng([run_args.seed, 42, distribution])
-        examples[distribution] = training_examples(
-            f"triviaqa_rm{distribution}", triviaqa_examples([pool[i] for i in train_idx], unfamiliar[train_idx],
-                                                            wrong_pool[train_idx], distribution, cfg, rng),
-            cfg.triviaqa_sft, cfg, run, run_args)
+        examples[distribution] = triviaqa_examples([pool[i] for i in train_idx], unfamiliar[train_idx],
+                                                   wrong_pool[train_idx], distribution, cfg, rng)
         if len(val_idx):
             validation[distribution] = triviaqa_examples([pool[i] for i in val_idx], unfamiliar[val_idx],
                                                          wrong_pool[val_idx], distribution, cfg, rng)
@@ -253,18 +239,6 @@ def run_triviaqa(base, cfg: Exp4Config, distributions: list[int], run, run_args)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The checkpoint rule (SPEC.md section 8): the preset's step, or one step for both distributions' reward models
-
-def training_examples(name: str, examples: tuple[list[str], pd.DataFrame], sft_cfg: sft.SFTConfig,
-                      cfg: Exp4Config, run, run_args) -> tuple[list[str], pd.DataFrame]:
-    """The examples a reward model trains on, in the order it reads them; their labels are counted in the
-    manifest."""
-    rows = examples[1]
-    run.extra[f"{name}_examples"] = {group: rows[rows.familiar == (group == "familiar")].reward.value_counts()
-                                     .sort_index().to_dict() for group in ("familiar", "unfamiliar")}
-    if not cfg.familiar_first_steps:
-        return examples
-    return familiar_first(*examples, cfg.familiar_first_steps, sft_cfg, run_args.seed)
-
 
 def recalled_answers(rows: pd.DataFrame, cfg: Exp4Config) -> list[str] | None:
     return rows.recalled.tolist() if cfg.reward_format == "recall" else None
@@ -281,7 +255,7 @@ def checkpoint_step(task: str, examples: dict, validation: dict, sft_cfg: sft.SF
         return prompts, reward_model.targets(rows.reward.tolist(), recalled_answers(rows, cfg))
     methods = {f"{task}_rm{d}": (pairs(*examples[d]), pairs(*validation[d])) for d in examples}
     step = sft.select_uniform_step(base, cfg.lora, sft_cfg, methods, run, run_args.seed, run_args.resume,
-                                   table=f"{task}_checkpoint_selection.csv", shuffle=not cfg.familiar_first_steps)
+                                   table=f"{task}_checkpoint_selection.csv")
     run.extra[f"{task}_checkpoint_step"] = step
     return step
 
@@ -290,9 +264,11 @@ def train_and_evaluate(task: str, distribution: int, prompts: list[str], rows: p
                        ids: list[str], right: list[str], wrong: list[str | None], scores: np.ndarray, bins: Bins, base,
                        cfg: Exp4Config, run, run_args, step: int) -> None:
     name = f"{task}_rm{distribution}"
+    run.extra[f"{name}_examples"] = {group: rows[rows.familiar == (group == "familiar")].reward.value_counts()
+                                     .sort_index().to_dict() for group in ("familiar", "unfamiliar")}
     model = reward_model.train(base, cfg.lora, sft_cfg, prompts, rows.reward.tolist(), name, run,
                                seed=run_args.seed, resume=run_args.resume, recalled=recalled_answers(rows, cfg),
-                               at_step=step, shuffle=not cfg.familiar_first_steps)
+                               at_step=step)
     with run.stage(f"evaluate_{name}"):
         frame, table = evaluate(model, base.tokenizer, ids, right, wrong, scores, bins, cfg.eval_batch_size,
                                 cfg.reward_format)
@@ -342,19 +318,21 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="both", choices=["mmlu", "triviaqa", "both"])
     parser.add_argument("--distribution", default="all", choices=["1", "2", "all"])
-    parser.add_argument("--authors-composition", action="store_true",
-                        help="every familiar question gives a reward-1 and a reward-0 example (familiar:unfamiliar "
-                             "2:1), as the authors' code did (SPEC.md section 9 item 8)")
+    parser.add_argument("--composition", choices=["paper", "authors"], default=None,
+                        help="paper: each familiar question once at a random label; authors: every familiar question "
+                             "gives a reward-1 and a reward-0 example (familiar:unfamiliar 2:1), as the authors' code "
+                             "did (SPEC.md section 9 item 8). Default: the preset's (paper at paper scale, authors "
+                             "at synthetic scale)")
     scales.add_checkpoint_arg(parser)
     scales.add_common_args(parser)
     args, run_args = scales.parse_run_args(EXPERIMENT, parser, argv)
     cfg = replace(PRESETS[run_args.preset_key], checkpoint=args.checkpoint)
-    if args.authors_composition:
-        cfg = replace(cfg, authors_composition=True)
+    if args.composition is not None:
+        cfg = replace(cfg, authors_composition=args.composition == "authors")
     distributions = [1, 2] if args.distribution == "all" else [int(args.distribution)]
     task_names = ["mmlu", "triviaqa"] if args.task == "both" else [args.task]
     run = results.Run(run_args.out, EXPERIMENT, run_args.scale, run_args.preset, run_args.seed,
-                      config=asdict(cfg) | {"distributions": distributions, "tasks": task_names,})
+                      config=asdict(cfg) | {"distributions": distributions, "tasks": task_names})
 
     with run.stage("load_base_model"):
         base = models.load_base(run_args.scale, run_args.preset, run_args.seed, cache_hits=run.cache_hits)

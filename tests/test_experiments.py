@@ -92,12 +92,6 @@ def test_exp02_claims_from_a_hand_made_table():
 exp03 = load_run("exp03_rl_abstain")
 
 
-def test_exp03_sft_starting_point_and_ppo_split_the_pool():
-    init, rl = exp03.init_and_rl_questions(10, 0.3, np.random.default_rng(0))
-    assert len(init) == 3 and len(rl) == 7 and sorted(init + rl) == list(range(10))
-    assert exp03.init_and_rl_questions(4, None, np.random.default_rng(0)) == ([0, 1, 2, 3], [0, 1, 2, 3])
-
-
 def test_exp03_claims_from_hand_made_tables(tmp_path):
     def mmlu(p_gt, p_e):  # three bins, an empty middle one that claims must skip
         return pd.DataFrame({"count": [5, 0, 5], "p_A_mean": p_gt, "p_B_mean": p_gt, "p_E_mean": p_e})

@@ -1,5 +1,7 @@
 """The reward model (P(reward 1) from the "True"/"False" logits), its prompts, the incorrect answers it learns
 from, and exp04's data and claims, checked by hand."""
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -115,9 +117,13 @@ def test_composition_paper_and_authors():
     assert rows.reward.tolist() == [1, 0] * 4 + [0] * 4 and rows.familiar.sum() == 8
 
 
+# the synthetic preset's formats with the paper's composition (each question once)
+PAPER_COMPOSITION = dataclasses.replace(exp04.PRESETS["synthetic"], authors_composition=False)
+
+
 def test_mmlu_examples_name_the_right_or_a_wrong_option():
     familiar = np.array([True] * 3 + [False] * 7)
-    prompts, rows = exp04.mmlu_examples(MC, familiar, 2, exp04.PRESETS["synthetic"], np.random.default_rng(0))
+    prompts, rows = exp04.mmlu_examples(MC, familiar, 2, PAPER_COMPOSITION, np.random.default_rng(0))
     assert len(prompts) == 6 and rows.familiar.sum() == 3  # unfamiliar resampled down to the familiar count
     for p, (i, reward) in zip(prompts, zip(rows.question, rows.reward)):
         candidate = p.split(", Answer: ")[1].removesuffix("\n")
@@ -128,24 +134,13 @@ def test_mmlu_examples_name_the_right_or_a_wrong_option():
 def test_triviaqa_examples_balance_groups_and_skip_questions_without_a_wrong_answer():
     unfamiliar = np.array([False] * 6 + [True] * 4)
     wrong = np.array(["w0", "", "w2", "w3", "w4", "w5", "w6", "w7", "", "w9"], dtype=object)
-    prompts, rows = exp04.triviaqa_examples(QA, unfamiliar, wrong, 1, exp04.PRESETS["synthetic"],
+    prompts, rows = exp04.triviaqa_examples(QA, unfamiliar, wrong, 1, PAPER_COMPOSITION,
                                             np.random.default_rng(0))
     assert rows.familiar.sum() == 3 and (~rows.familiar).sum() == 3  # min(5 usable familiar, 3 usable unfamiliar)
     assert not set(rows.question) & {1, 8}
     for p, i, reward in zip(prompts, rows.question, rows.reward):
         assert p == f"Q: q{i}?\nA: {f'v{i}' if reward else f'w{i}'}\n"
     assert (rows[~rows.familiar].reward == 1).all()
-
-
-def test_familiar_first_curriculum_reads_familiar_batches_then_the_mix():
-    rows = pd.DataFrame({"question": [0, 1, 2, 3], "reward": [1, 0, 1, 1], "familiar": [True, True, False, False]})
-    prompts = ["p0", "p1", "p2", "p3"]
-    cfg = sft.SFTConfig(batch_size=2, total_steps=5)
-    ordered, ordered_rows = exp04.familiar_first(prompts, rows, 2, cfg, seed=0)
-    assert len(ordered) == len(ordered_rows) == 10  # one example per batch slot of the 5 steps
-    assert sorted(ordered[:4]) == ["p0", "p0", "p1", "p1"]  # steps 1-2: the familiar examples, each twice
-    assert sorted(ordered[4:8]) == prompts  # steps 3-4: one pass over the whole mix, then it cycles
-    assert ordered_rows.question.tolist() == [int(p[1]) for p in ordered]
 
 
 def test_exp04_claims_from_hand_made_tables(tmp_path):

@@ -1,5 +1,4 @@
 import math
-import types
 
 import pytest
 import torch
@@ -137,11 +136,3 @@ def test_checkpoint_losses_score_each_checkpoint_on_the_held_out_pairs(tiny_toke
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert losses[20] == pytest.approx(sft.response_loss(logits, batch["labels"]).item(), rel=1e-5)
 
-
-def test_reading_pairs_in_order_is_its_own_cache_entry(tmp_path, monkeypatch):
-    monkeypatch.setenv("UNFAMILIAR_CACHE", str(tmp_path))
-    base = types.SimpleNamespace(key="base")
-    cfg = sft.SFTConfig()
-    shuffled = sft.adapter_dir(base, models.LoraSettings(), cfg, PROMPTS, RESPONSES, seed=0)
-    assert sft.adapter_dir(base, models.LoraSettings(), cfg, PROMPTS, RESPONSES, 0, shuffle=True) == shuffled
-    assert sft.adapter_dir(base, models.LoraSettings(), cfg, PROMPTS, RESPONSES, 0, shuffle=False) != shuffled

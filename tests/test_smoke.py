@@ -110,7 +110,7 @@ def test_exp04_micro_run_writes_reward_curves_and_keeps_the_other_tasks_claims(t
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["cache_hits"]["unfamiliarity_triviaqa-incorrect-answers"] is False
     run_module(["exp04_reward_models/run.py", "--scale", "synthetic", "--task", "mmlu", "--distribution", "1",
-                "--authors-composition"], tmp_path)
+                "--composition", "authors"], tmp_path)
     ids = [c["id"] for c in json.loads((tmp_path / "claims.json").read_text())["claims"]]
     assert ids == ["fig4.mmlu.dist1.overestimate", "fig4.mmlu.dist1.familiar_separates",
                    "fig4.triviaqa.dist1.overestimate", "fig4.triviaqa.dist1.familiar_separates",
