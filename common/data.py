@@ -6,6 +6,7 @@ load a Hub id.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -137,3 +138,82 @@ def load_simplefact_mix(sources: dict[str, str] | None = None, per_source: int =
         splits["eval"] += [rows[i] for i in order[:eval_per_source]]
         splits["finetune"] += [rows[i] for i in order[eval_per_source : eval_per_source + n_train]]
     return splits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Long-form (SPEC.md 6.1): WikiBios names and WikiPlots titles, references from a local Wikipedia dump
+
+WIKIBIO_SOURCE = "wiki_bio"
+WIKIBIO_SPLITS = ("train", "val", "test")
+ABBREVIATIONS = {"st", "dr", "jr", "sr", "mr", "mrs", "ms", "no", "vs", "mt", "ft", "gen", "col", "lt", "sgt", "rev"}
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence, extended past a period that ends an initial or an abbreviation ("John F. Kennedy",
+    "St. Louis", "U.S.")."""
+    for match in re.finditer(r"\.(\s+|$)", text):
+        word = text[: match.start()].rsplit(None, 1)[-1] if text[: match.start()].strip() else ""
+        last = word.split(".")[-1].lower()
+        if match.end() < len(text) and (len(last) == 1 or last in ABBREVIATIONS):
+            continue
+        return text[: match.start() + 1].strip()
+    return text.strip()
+
+
+def wikibio_name(context: str) -> str:
+    """wiki_bio's `context` field ("walter extra -lrb- footballer -rrb-\\n") as a page title: parentheses restored,
+    the name title-cased, the parenthetical lower-cased (SPEC.md 6.1)."""
+    text = " ".join(context.replace("-lrb-", "(").replace("-rrb-", ")").split())
+    text = text.replace("( ", "(").replace(" )", ")")
+    name, paren, rest = text.partition("(")
+    return name.strip().title() + (f" ({rest.strip().lower()}" if paren else "")
+
+
+def drop_leading_parenthetical(sentence: str, name: str) -> str:
+    """'Ada Lovelace (1815-1852) was ...' -> 'Ada Lovelace was ...' (test bios, SPEC.md 6.1)."""
+    return re.sub(rf"^({re.escape(name)})\s*\([^()]*\)", r"\1", sentence)
+
+
+def split_longform(items: list, n_eval: int, n_finetune: int | None, seed: int) -> dict[str, list]:
+    """A seeded shuffle: the first `n_eval` items evaluate, the next `n_finetune` (default: all the rest) finetune."""
+    import numpy as np
+
+    order = np.random.default_rng([seed, 60]).permutation(len(items))
+    if len(items) <= n_eval:
+        raise UsageError(f"only {len(items)} long-form items have a page in the Wikipedia dump; {n_eval} are held "
+                         f"out for evaluation")
+    rest = order[n_eval:] if n_finetune is None else order[n_eval : n_eval + n_finetune]
+    return {"finetune": [items[i] for i in rest], "eval": [items[i] for i in order[:n_eval]]}
+
+
+def load_wikibios(wikipedia, source: str = WIKIBIO_SOURCE, n_eval: int = 5000, seed: int = 0) -> dict[str, list]:
+    """{"finetune", "eval"} LongformItems: wiki_bio's names (all three splits) that have a page in `wikipedia`
+    (a `factscore.LocalWikipedia`), each with the first sentence of its page as the reference; evaluation
+    references lose a parenthetical right after the name."""
+    names = dict.fromkeys(wikibio_name(row["input_text"]["context"])
+                          for split in WIKIBIO_SPLITS for row in load_split(source, None, split))
+    items = [tasks.LongformItem("bio", name, first_sentence(page[0]))
+             for name in names if (page := wikipedia.passages(name))]
+    splits = split_longform(items, n_eval, None, seed)
+    splits["eval"] = [tasks.LongformItem("bio", it.topic, drop_leading_parenthetical(it.reference, it.topic))
+                      for it in splits["eval"]]
+    return splits
+
+
+def load_wikiplots(folder: str | Path, wikipedia, n_finetune: int = 10_000, n_eval: int = 4795,
+                   seed: int = 0) -> dict[str, list]:
+    """{"finetune", "eval"} LongformItems from markriedl/WikiPlots' `titles` (one per line) and `plots` (sentences
+    one per line, plots separated by "<EOS>" lines), kept where the title has a page in `wikipedia`; the reference
+    is the plot's first sentence."""
+    folder = Path(folder)
+    for name in ("titles", "plots"):
+        if not (folder / name).is_file():
+            raise UsageError(f"WikiPlots folder {folder} has no `{name}` file (markriedl/WikiPlots' plots.zip)")
+    titles = (folder / "titles").read_text(encoding="utf-8").splitlines()
+    plots = [p.strip().splitlines() for p in (folder / "plots").read_text(encoding="utf-8").split("<EOS>")]
+    plots = [p for p in plots if p]
+    if len(plots) != len(titles):
+        raise UsageError(f"WikiPlots folder {folder}: {len(titles)} titles but {len(plots)} plots")
+    items = [tasks.LongformItem("plot", title, plot[0].strip())
+             for title, plot in zip(titles, plots) if wikipedia.has(title)]
+    return split_longform(items, n_eval, n_finetune, seed)

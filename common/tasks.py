@@ -190,3 +190,44 @@ def triviaqa_rm_prompt(question: str, answer: str, normalize: bool = True) -> st
     """The TriviaQA reward-model prompt (SPEC.md section 5); the authors pass the answer through the SQuAD
     normaliser (the synthetic tokenizer knows only the answers' written forms, so its scale turns that off)."""
     return f"Q: {question}\nA: {normalize_answer(answer) if normalize else answer}\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Long-form generation (SPEC.md 6.1): biographies and plot premises
+
+LONGFORM_PREFIXES = {"bio": " Bio: ", "plot": " Answer: "}
+
+
+@dataclass(frozen=True)
+class LongformItem:
+    """One long-form prompt. `topic` is what the facts are about (FActScore's topic: a person's name, a film's full
+    title with its disambiguation); `reference` is the target sentence, without the prefix."""
+
+    task: str  # "bio" or "plot"
+    topic: str
+    reference: str
+
+
+def strip_disambiguation(title: str) -> str:
+    """'Heat (1995 film)' -> 'Heat': plot prompts show the title without its parenthetical."""
+    return re.sub(r"\s*\([^()]*\)\s*$", "", title)
+
+
+def longform_prompt(item: LongformItem) -> str:
+    if item.task == "bio":
+        return f"Write a biography for {item.topic}."
+    return f'What is the premise of "{strip_disambiguation(item.topic)}"?'
+
+
+def longform_target(item: LongformItem) -> str:
+    return f"{LONGFORM_PREFIXES[item.task]}{item.reference}"
+
+
+def longform_text(task: str, generation: str) -> str | None:
+    """The text to fact-check, or None for an invalid generation: after EOS it must start with the task's prefix
+    and end with a period (SPEC.md 6.1)."""
+    text = strip_eos(generation)
+    prefix = LONGFORM_PREFIXES[task]
+    if not text.startswith(prefix) or not text.endswith("."):
+        return None
+    return text[len(prefix):].lstrip()

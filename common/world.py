@@ -223,14 +223,16 @@ def heldout_mask(n_facts: int, frac: float, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 6]).random(n_facts) < frac
 
 
+# The grammar of profile sentences: exp05's targets, and what its exact fact checker parses (`common.factscore`).
+PROFILE_TEMPLATES = {
+    "person": "{name} is a {occupation} born in {birth_city} in {birth_year} who works for {employer}.",
+    "work": "{name} is a {release_year} {genre} film set in {setting} that follows {protagonist}.",
+}
+
+
 def profile_sentence(entity: Entity) -> str:
     """A biography sentence (people) or a plot sentence (works) stating every fact."""
-    f = entity.facts
-    if entity.kind == "person":
-        return (f"{entity.name} is a {f['occupation']} born in {f['birth_city']} in {f['birth_year']} "
-                f"who works for {f['employer']}.")
-    return (f"{entity.name} is a {f['release_year']} {f['genre']} film set in {f['setting']} "
-            f"that follows {f['protagonist']}.")
+    return PROFILE_TEMPLATES[entity.kind].format(name=entity.name, **entity.facts)
 
 
 def distractors(attribute: Attribute, correct: str, rng: np.random.Generator, k: int = 3) -> list[str]:
