@@ -39,6 +39,8 @@ class Fact:
 
 
 class FactChecker(Protocol):
+    key: str  # names what the labels depend on, for cache keys
+
     def label(self, topic: str, text: str) -> list[Fact] | None: ...
 
 
@@ -95,6 +97,7 @@ class WorldFactChecker:
         self.entities = {e.name: e for e in entities}
         self.attributes = world.ATTRIBUTES
         self.patterns = {kind: clause_patterns(t) for kind, t in world.PROFILE_TEMPLATES.items()}
+        self.key = cache.config_hash("world-grammar", world.PROFILE_TEMPLATES, entities)
 
     def label(self, topic: str, text: str) -> list[Fact] | None:
         entity = self.entities.get(topic)
@@ -196,6 +199,9 @@ class OpenAIFactChecker:
         self.passages, self.settings = passages, settings
         self.client = client or self._client(settings)
         self.cache_dir = cache_dir or cache.cache_root() / "openai"
+        # what the labels depend on, for the caches of everything computed from them
+        self.key = cache.config_hash("openai", settings.model, settings.temperature, settings.max_tokens,
+                                     settings.n_passages, ATOMIC_FACTS_PROMPT, JUDGE_PROMPT, str(passages.path))
 
     @staticmethod
     def _client(settings: OpenAISettings):

@@ -223,6 +223,13 @@ def longform_target(item: LongformItem) -> str:
     return f"{LONGFORM_PREFIXES[item.task]}{item.reference}"
 
 
+def longform_fewshot_prompt(item: LongformItem, exemplars: Sequence[LongformItem]) -> str:
+    """The base model's few-shot prompt for long-form unfamiliarity (SPEC.md 1.3 [PROPOSED]): exemplars in the SFT
+    format separated by blank lines, then the query's prompt."""
+    shots = "".join(f"{longform_prompt(ex)}{longform_target(ex)}\n\n" for ex in exemplars)
+    return f"{shots}{longform_prompt(item)}"
+
+
 def longform_text(task: str, generation: str) -> str | None:
     """The text to fact-check, or None for an invalid generation: after EOS it must start with the task's prefix
     and end with a period (SPEC.md 6.1)."""

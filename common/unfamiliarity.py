@@ -5,6 +5,7 @@
   `scoring="cloze"` normalises the likelihoods of the option texts (the synthetic world's choice, see README).
 - TriviaQA-style: how many of 12 few-shot samples are incorrect. The same few-shot sampler supplies the
   reward models' incorrect answers.
+- Long-form: the mean number of false facts in 2 few-shot samples, labelled by a `common.factscore` checker.
 """
 from __future__ import annotations
 
@@ -32,6 +33,18 @@ class QAScoringSettings:
     n_samples: int = 12
     temperature: float = 1.0
     max_new_tokens: int = 32
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class LongformScoringSettings:
+    """SPEC.md 1.3 [PROPOSED]: 4 shots in the SFT format, 2 samples at T=1, <= 200 new tokens, cut at the first
+    newline."""
+
+    n_shots: int = 4
+    n_samples: int = 2
+    temperature: float = 1.0
+    max_new_tokens: int = 200
     batch_size: int = 16
 
 
@@ -92,6 +105,34 @@ def count_incorrect_samples(model, tokenizer, questions: Sequence[tasks.QAQuesti
     """For each question, how many of `n_samples` few-shot samples are incorrect."""
     samples = fewshot_samples(model, tokenizer, questions, exemplar_pool, settings, seed)
     return np.array([sum(not tasks.grade_fewshot_sample(s, q) for s in group) for group, q in zip(samples, questions)])
+
+
+def mean_false_facts(samples: Sequence[Sequence[str]], items: Sequence[tasks.LongformItem], checker) -> np.ndarray:
+    """For each item, the mean over its samples of the false facts the checker finds; the task's prefix is stripped
+    first, and a sample without a decision counts 0 false facts (SPEC.md 1.3)."""
+    from common import factscore
+
+    def false_facts(sample: str, item: tasks.LongformItem) -> int:
+        text = tasks.strip_eos(sample.split("\n", 1)[0]).strip()
+        prefix = tasks.LONGFORM_PREFIXES[item.task].strip()
+        text = text[len(prefix):].lstrip() if text.startswith(prefix) else text
+        return factscore.fact_counts(checker.label(item.topic, text))[1]
+
+    return np.array([np.mean([false_facts(s, item) for s in group]) for group, item in zip(samples, items)])
+
+
+def count_false_facts(model, tokenizer, items: Sequence[tasks.LongformItem], exemplar_pool: Sequence[tasks.LongformItem],
+                      checker, settings: LongformScoringSettings, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, 12])
+    prompts = []
+    for item in items:
+        candidates = rng.choice(len(exemplar_pool), size=settings.n_shots + 1, replace=False)
+        shots = [exemplar_pool[i] for i in candidates if exemplar_pool[i].topic != item.topic]
+        prompts.append(tasks.longform_fewshot_prompt(item, shots[: settings.n_shots]))
+    cfg = sampling.SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                  num_samples=settings.n_samples, stop=("\n",), batch_size=settings.batch_size)
+    samples = sampling.generate(model, tokenizer, prompts, cfg, desc="few-shot long-form samples", generator_seed=seed)
+    return mean_false_facts(samples, items, checker)
 
 
 def sample_incorrect_answers(model, tokenizer, questions: Sequence[tasks.QAQuestion],
@@ -168,3 +209,15 @@ def triviaqa_incorrect_answers(model, tokenizer, model_key: str, questions: Sequ
         {"settings": settings, "seed": seed, "max_rounds": max_rounds, "pool": [q.question_id for q in exemplar_pool]},
         lambda: sample_incorrect_answers(model, tokenizer, questions, exemplar_pool, settings, seed, max_rounds),
         cache_hits, dtype=str)
+
+
+def longform_unfamiliarity(model, tokenizer, model_key: str, items: Sequence[tasks.LongformItem],
+                           exemplar_pool: Sequence[tasks.LongformItem], checker,
+                           settings: LongformScoringSettings = LongformScoringSettings(), seed: int = 0,
+                           cache_hits: dict | None = None) -> np.ndarray:
+    """Mean false facts over few-shot base-model samples; the key names the checker (`checker.key`) too."""
+    task = items[0].task if items else "none"
+    return cached_scores(
+        f"longform-{task}", model_key, [it.topic for it in items],
+        {"settings": settings, "seed": seed, "checker": checker.key, "pool": [it.topic for it in exemplar_pool]},
+        lambda: count_false_facts(model, tokenizer, items, exemplar_pool, checker, settings, seed), cache_hits)

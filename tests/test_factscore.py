@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common import data, factscore, tasks, world
+from common import data, factscore, tasks, unfamiliarity, world
 from common.scales import UsageError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -215,3 +215,16 @@ def test_openai_checker_without_a_key_stops_with_one_line(wikipedia, monkeypatch
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(UsageError, match="OPENAI_API_KEY is not set"):
         factscore.OpenAIFactChecker(wikipedia)
+
+
+def test_longform_unfamiliarity_counts_false_facts_per_sample():
+    ada = world.Entity("Ada", "person", {"occupation": "poet", "birth_city": "Lima", "birth_year": "1950",
+                                         "employer": "Acme"}, exposure=3)
+    checker = factscore.WorldFactChecker([ada])
+    item = tasks.LongformItem("bio", "Ada", world.profile_sentence(ada))
+    samples = [[" Bio: Ada is a chef born in Oslo in 1950.\nWrite a biography for Bo.",  # 2 false (chef, Oslo)
+                "Ada is a poet who works for Hooli."]]  # no prefix: still checked, 1 false
+    assert unfamiliarity.mean_false_facts(samples, [item], checker).tolist() == [1.5]
+    assert unfamiliarity.mean_false_facts([["I have no idea", " Bio: ."]], [item], checker).tolist() == [0.0]
+    prompt = tasks.longform_fewshot_prompt(item, [tasks.LongformItem("bio", "Bo", "Bo is a chef.")])
+    assert prompt == "Write a biography for Bo. Bio: Bo is a chef.\n\nWrite a biography for Ada."
