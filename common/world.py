@@ -520,6 +520,15 @@ class World:
         """Short-answer questions in the roles of `data.load_triviaqa`."""
         return self.split_facts(self.qa_question)
 
+    def longform_splits(self, task: str) -> dict[str, list[tasks.LongformItem]]:
+        """Biographies (people) or plot premises (works) in the roles of `data.load_wikibios` / `load_wikiplots`:
+        each entity's profile sentence is its reference; a seeded `heldout_frac` of the entities evaluates."""
+        kind = {"bio": "person", "plot": "work"}[task]
+        items = [tasks.LongformItem(task, e.name, profile_sentence(e)) for e in self.entities if e.kind == kind]
+        heldout = np.random.default_rng([self.seed, 7]).random(len(items)) < self.preset.world.heldout_frac
+        return {"finetune": [it for it, h in zip(items, heldout) if not h],
+                "eval": [it for it, h in zip(items, heldout) if h]}
+
 
 def world_key(preset: WorldPreset, seed: int, corpus: list[str]) -> str:
     """The cache key: the configuration, the seed and the corpus text itself (the knowledge documents and the
