@@ -53,12 +53,12 @@ def mmlu_panel_tables(frame: pd.DataFrame, bins: Bins) -> dict[str, pd.DataFrame
 
 def triviaqa_outcomes(model, tokenizer, questions: Sequence[tasks.QAQuestion], n_incorrect: np.ndarray,
                       cfg: sampling.SamplingConfig, seed: int) -> pd.DataFrame:
-    """One sample per question (T=1), graded correct / idk / incorrect / malformed."""
+    """`cfg.num_samples` samples per question (T=1), one row each, graded correct / idk / incorrect / malformed."""
     prompts = [tasks.triviaqa_sft_prompt(q.question) for q in questions]
     generations = sampling.generate(model, tokenizer, prompts, cfg, desc="evaluate", generator_seed=seed)
-    categories = [tasks.grade_short_answer(g[0], q) for g, q in zip(generations, questions)]
-    frame = pd.DataFrame({"question_id": [q.question_id for q in questions], "n_incorrect": n_incorrect,
-                          "generation": [g[0] for g in generations], "category": categories})
+    rows = [(q.question_id, n, k, g, tasks.grade_short_answer(g, q))
+            for q, n, samples in zip(questions, n_incorrect, generations) for k, g in enumerate(samples)]
+    frame = pd.DataFrame(rows, columns=["question_id", "n_incorrect", "sample", "generation", "category"])
     frame["correct"] = frame.category == tasks.CORRECT
     frame["idk"] = frame.category == tasks.IDK_CATEGORY
     frame["incorrect"] = frame.category.isin([tasks.INCORRECT, tasks.MALFORMED])
@@ -67,4 +67,8 @@ def triviaqa_outcomes(model, tokenizer, questions: Sequence[tasks.QAQuestion], n
 
 
 def triviaqa_table(frame: pd.DataFrame, bins: Bins) -> pd.DataFrame:
-    return summarize_by_bin(frame, "n_incorrect", bins, [*TRIVIAQA_OUTCOMES, "malformed"])
+    """Per bin, the outcome rates over its questions, each question's samples averaged first (so `count` counts
+    questions and each weighs the same)."""
+    outcomes = [*TRIVIAQA_OUTCOMES, "malformed"]
+    per_question = frame.groupby(["question_id", "n_incorrect"], as_index=False, sort=False)[outcomes].mean()
+    return summarize_by_bin(per_question, "n_incorrect", bins, outcomes)

@@ -1,9 +1,11 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from common import evaluation, tasks
+from common.buckets import Bins
 from conftest import last_token_model
 
 Q = tasks.MCQuestion("Where was Velorin born?", "x", ("Rome", "Paris", "Velorin", "Tovtan"), answer=1)
@@ -33,3 +35,20 @@ def test_text_answers_follow_the_correct_option_to_every_letter(tiny_tokenizer):
     assert frame.p_E.tolist() == pytest.approx([0.1, 0.1], abs=1e-5)
     probs = frame[[f"p_{L}" for L in "ABCDE"]].to_numpy()
     assert probs.sum(1) == pytest.approx([1.0, 1.0]) and sorted(probs[0].round(4)) == [0.1, 0.1, 0.1, 0.2, 0.5]
+
+
+def test_triviaqa_table_averages_each_questions_samples_first():
+    # q1 (2 incorrect of 12): 3 samples, IDK twice; q2 (3 incorrect): 1 sample, correct; q3 (9): 2 samples, wrong
+    frame = pd.DataFrame({"question_id": ["q1", "q1", "q1", "q2", "q3", "q3"], "n_incorrect": [2, 2, 2, 3, 9, 9],
+                          "category": [tasks.IDK_CATEGORY, tasks.IDK_CATEGORY, tasks.CORRECT, tasks.CORRECT,
+                                       tasks.INCORRECT, tasks.MALFORMED]})
+    frame["correct"] = frame.category == tasks.CORRECT
+    frame["idk"] = frame.category == tasks.IDK_CATEGORY
+    frame["incorrect"] = frame.category.isin([tasks.INCORRECT, tasks.MALFORMED])
+    frame["malformed"] = frame.category == tasks.MALFORMED
+    table = evaluation.triviaqa_table(frame, Bins((0, 4, 13), closed="left"))
+    assert table["count"].tolist() == [2, 1]  # questions, not samples
+    # bin [0, 4): q1 IDK 2/3 and q2 IDK 0 weigh the same -> 1/3 (pooling the samples would give 2/4)
+    assert table.idk_mean.tolist()[0] == pytest.approx(1 / 3)
+    assert table.correct_mean.tolist()[0] == pytest.approx((1 / 3 + 1) / 2)
+    assert table.incorrect_mean.tolist() == pytest.approx([0.0, 1.0]) and table.malformed_mean[1] == 0.5

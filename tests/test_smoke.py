@@ -78,6 +78,8 @@ def test_exp02_micro_run_writes_bars_and_claims(tmp_path):
         assert (tmp_path / f"triviaqa_sft{d}.png").exists()
         # the micro bins start at 1 incorrect sample, as the paper's: the inclusive variant counts every question
         assert pd.read_csv(tmp_path / f"triviaqa_sft{d}_inclusive.csv")["count"].sum() == 12
+        generations = pd.read_csv(tmp_path / f"triviaqa_sft{d}_generations.csv")
+        assert len(generations) == 24 and set(generations["sample"]) == {0, 1}  # the micro preset's 2 per question
 
 
 def test_exp03_micro_run_trains_both_tasks_and_keeps_the_other_rewards_results(tmp_path):
@@ -177,3 +179,15 @@ def test_paper_scale_without_cuda_stops_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "exp02_triviaqa_sft/run.py", "--scale", "paper", "--out", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: ") and "--allow-cpu" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_exp05_micro_run_labels_the_sft_models_responses(tmp_path):
+    run_module(["exp05_longform_conservative_rm/run.py", "--scale", "synthetic"], tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert {"bio_unfamiliarity", "plot_evaluate_sft"} <= set(manifest["timings_s"])
+    for task in ("bio", "plot"):
+        frame = pd.read_csv(tmp_path / f"{task}_sft_responses.csv")
+        assert 0 < len(frame) <= 8 and frame.unfamiliarity.between(0, 4).all()  # max_eval_items 8
+        assert (frame.frac_true[~frame.valid] == 0).all()  # invalid responses score 0 (the notebook's rule)
+        table = pd.read_csv(tmp_path / f"{task}_sft_facts.csv")
+        assert table["count"].sum() == len(frame) and {"n_true_mean", "n_false_mean", "frac_true_mean"} <= set(table.columns)
