@@ -39,13 +39,15 @@ class QAScoringSettings:
 @dataclass(frozen=True)
 class LongformScoringSettings:
     """SPEC.md 1.3 [PROPOSED]: 4 shots in the SFT format, 2 samples at T=1, <= 200 new tokens, cut at the first
-    newline."""
+    newline. A `stem` ("{topic} is a") replaces the few-shot prompt: the base model continues the stem and the
+    stem plus its continuation is labelled."""
 
     n_shots: int = 4
     n_samples: int = 2
     temperature: float = 1.0
     max_new_tokens: int = 200
     batch_size: int = 16
+    stem: str = ""
 
 
 def mmlu_is_familiar(nll: np.ndarray) -> np.ndarray:
@@ -126,12 +128,17 @@ def count_false_facts(model, tokenizer, items: Sequence[tasks.LongformItem], exe
     rng = np.random.default_rng([seed, 12])
     prompts = []
     for item in items:
+        if settings.stem:
+            prompts.append(settings.stem.format(topic=item.topic))
+            continue
         candidates = rng.choice(len(exemplar_pool), size=settings.n_shots + 1, replace=False)
         shots = [exemplar_pool[i] for i in candidates if exemplar_pool[i].topic != item.topic]
         prompts.append(tasks.longform_fewshot_prompt(item, shots[: settings.n_shots]))
     cfg = sampling.SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                   num_samples=settings.n_samples, stop=("\n",), batch_size=settings.batch_size)
-    samples = sampling.generate(model, tokenizer, prompts, cfg, desc="few-shot long-form samples", generator_seed=seed)
+    samples = sampling.generate(model, tokenizer, prompts, cfg, desc="long-form base samples", generator_seed=seed)
+    if settings.stem:  # a decoded continuation loses its first word's leading space
+        samples = [[f"{prompt} {s.lstrip()}" for s in group] for prompt, group in zip(prompts, samples)]
     return mean_false_facts(samples, items, checker)
 
 

@@ -50,13 +50,17 @@ PRESETS = {
     "paper": Exp5Config(sft={"bio": paper_sft(20_000), "plot": paper_sft(15_000)}),
     "synthetic": Exp5Config(
         sft={"bio": sft.SYNTHETIC_SFT, "plot": sft.SYNTHETIC_SFT},
-        scoring=unfamiliarity.LongformScoringSettings(max_new_tokens=24, batch_size=64),
+        # The base model writes a profile only at a document's start (pretraining never puts one after other
+        # text), so unfamiliarity continues the stem "{name} is a". Measured on seed 0 (mean false facts of 4, eval
+        # bios, exposure 0 / 10-20 / 80+): the SFT-format few-shot prompt 0.14 / 0.57 / 0.56 (the base writes
+        # "Initech." or nothing), the stem 1.43 / 0.12 / 0.00.
+        scoring=unfamiliarity.LongformScoringSettings(max_new_tokens=24, batch_size=64, stem="{topic} is a"),
         eval_sampling=sampling.SamplingConfig(max_new_tokens=24, temperature=0, batch_size=128),
         # four facts per profile sentence: mean false facts over 2 samples lies in 0, 0.5, ..., 4
         unfamiliarity_bins=(0, 1, 2, 3, 4.5), train_format_tokens=True),
     "micro": Exp5Config(
         sft={"bio": sft.MICRO_SFT, "plot": sft.MICRO_SFT}, lora=models.MICRO_LORA,
-        scoring=unfamiliarity.LongformScoringSettings(n_shots=2, max_new_tokens=8, batch_size=16),
+        scoring=unfamiliarity.LongformScoringSettings(n_shots=2, max_new_tokens=8, batch_size=16),  # the few-shot path
         eval_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=0, batch_size=16),
         unfamiliarity_bins=(0, 1, 2, 4.5), max_eval_items=8),
 }

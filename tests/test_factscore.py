@@ -228,3 +228,19 @@ def test_longform_unfamiliarity_counts_false_facts_per_sample():
     assert unfamiliarity.mean_false_facts([["I have no idea", " Bio: ."]], [item], checker).tolist() == [0.0]
     prompt = tasks.longform_fewshot_prompt(item, [tasks.LongformItem("bio", "Bo", "Bo is a chef.")])
     assert prompt == "Write a biography for Bo. Bio: Bo is a chef.\n\nWrite a biography for Ada."
+
+
+def test_longform_unfamiliarity_from_a_stem_labels_stem_and_continuation():
+    from common.world import build_tokenizer
+    from conftest import last_token_model
+
+    tokenizer = build_tokenizer(["Ada is a poet born in Lima in 1950 who works for Acme."])
+    # after " a" the model writes " poet", then ends: every sample is "Ada is a poet</s>"
+    model = last_token_model(tokenizer, {" a": 0, " poet": 1}, {(0, " poet"): 30.0, (1, "</s>"): 30.0})
+    chef = world.Entity("Ada", "person", {"occupation": "chef", "birth_city": "Lima", "birth_year": "1950",
+                                          "employer": "Acme"}, exposure=0)
+    item = tasks.LongformItem("bio", "Ada", world.profile_sentence(chef))
+    settings = unfamiliarity.LongformScoringSettings(max_new_tokens=4, stem="{topic} is a")
+    scores = unfamiliarity.longform_unfamiliarity(model, tokenizer, "tiny", [item], [item],
+                                                  factscore.WorldFactChecker([chef]), settings, seed=0)
+    assert scores.tolist() == [1.0]  # "poet" against the knowledge base's "chef": one false fact per sample
