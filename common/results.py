@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator
 
 import pandas as pd
 
+from common import training
+
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "numpy", "pandas",
@@ -25,7 +27,10 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "tokenize
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same folder, then rename, so a crash never leaves half a file."""
+    """Write through a temp file in the same folder, then rename, so a crash never leaves half a file. In a
+    multi-process run only the main process writes."""
+    if not training.is_main_process():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)

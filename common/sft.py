@@ -89,7 +89,8 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
     everything the run depends on); an unfinished run there is continued when `resume` is set.
 
     The pairs are shuffled once with `seed` and then read in order, cycling (the fork's unshuffled loader over a
-    once-shuffled list).
+    once-shuffled list). Under several processes each takes every n-th example of the global batch
+    `cfg.batch_size` and DDP averages the gradients; only the main process writes checkpoints.
     """
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need equally many prompts and responses, got {len(prompts)} and {len(responses)}")
@@ -100,27 +101,37 @@ def train_sft(model, tokenizer, prompts: Sequence[str], responses: Sequence[str]
     torch.manual_seed(seed)  # a loaded checkpoint restores the RNG it saved
     # A finished run in this folder is a cache hit; an unfinished one continues only when asked to.
     step, history, _, last_good = training.begin(model, optimizer, scheduler, out_dir, cfg, resume, desc)
+    acc = training.accelerator()
+    n_proc, rank = acc.num_processes, acc.process_index
+    if cfg.batch_size % n_proc:
+        raise ValueError(f"batch size {cfg.batch_size} does not split over {n_proc} processes")
+    ddp_model = acc.prepare_model(model) if n_proc > 1 else model
     device = next(model.parameters()).device
     model.train()
-    bar = tqdm(total=cfg.total_steps, initial=step, desc=desc)
+    bar = tqdm(total=cfg.total_steps, initial=step, desc=desc, disable=not acc.is_main_process)
     while step < cfg.total_steps:
         start = (step * cfg.batch_size) % len(encoded)
-        batch_examples = [encoded[(start + j) % len(encoded)] for j in range(cfg.batch_size)]
+        batch_examples = [encoded[(start + j) % len(encoded)] for j in range(rank, cfg.batch_size, n_proc)]
         batch = {k: v.to(device) for k, v in collate(batch_examples, tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = ddp_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits
         loss = response_loss(logits, batch["labels"])
         training.check_finite(loss, desc, step + 1, last_good)
-        loss.backward()
+        acc.backward(loss)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        history.append({"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
+        loss_value = acc.reduce(loss.detach(), "mean").item() if n_proc > 1 else loss.item()
+        history.append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]})
         bar.update(1)
         if step % cfg.log_every == 0:
             bar.set_postfix(loss=f"{np.mean([h['loss'] for h in history[-cfg.log_every:]]):.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-            last_good = training.save_checkpoint(model, optimizer, scheduler, step, history, out_dir)
+            if acc.is_main_process:
+                training.save_checkpoint(model, optimizer, scheduler, step, history, out_dir)
+            acc.wait_for_everyone()
+            last_good = training.checkpoint_path(out_dir, step)
             if on_checkpoint is not None:
                 on_checkpoint(step, last_good)
     bar.close()

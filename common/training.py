@@ -1,8 +1,10 @@
 """Training machinery shared by SFT, reward models, PPO and GRPO: AdamW with a per-step cosine schedule (SPEC.md
 0.3), atomic checkpoints that a resumed run continues exactly (weights, optimizer, schedule, the torch RNG and the
-loop's own state such as its prompt order), and the guard that stops a run at a non-finite loss."""
+loop's own state such as its prompt order), the guard that stops a run at a non-finite loss, and the processes of
+a multi-process run (accelerate: `accelerate launch` or `torchrun`; a plain `python` run is one process)."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -13,6 +15,21 @@ import torch
 
 log = logging.getLogger(__name__)
 WEIGHTS = "weights"  # a checkpoint's trained weights: a peft adapter, or the whole model when fully finetuned
+
+
+@functools.lru_cache(maxsize=1)
+def accelerator():
+    """This process's `accelerate.Accelerator` (gloo on CPU, NCCL on GPUs when launched with several processes)."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    """Only the main process writes files (caches, checkpoints, results); the others read what it wrote."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
 def make_optimizer(params, cfg):
@@ -33,6 +50,10 @@ def check_finite(value: torch.Tensor, desc: str, step: int, last_good: Path | No
 
 def step_of(ckpt: Path) -> int:
     return int(ckpt.name.split("-")[1])
+
+
+def checkpoint_path(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / f"checkpoint-{step:06d}"
 
 
 def checkpoints(out_dir: Path) -> list[Path]:
@@ -58,7 +79,7 @@ def save_checkpoint(model, optimizer, scheduler, step: int, history: list[dict],
     `modules` are extra trained parts saved beside the weights (PPO's value head); `loop_state` is whatever the
     training loop needs to continue exactly (its prompt order, its numpy generator); `keep_last` prunes older
     checkpoints (a fully finetuned 7B model with its optimizer state is about 45 GB each)."""
-    final = Path(out_dir) / f"checkpoint-{step:06d}"
+    final = checkpoint_path(out_dir, step)
     tmp = Path(out_dir) / f".tmp-checkpoint-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
