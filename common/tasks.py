@@ -230,6 +230,17 @@ def longform_fewshot_prompt(item: LongformItem, exemplars: Sequence[LongformItem
     return f"{shots}{longform_prompt(item)}"
 
 
+def longform_lead(item: LongformItem, named: bool) -> str:
+    """The start of the response moved into the prompt: nothing (the paper), or the prefix and the entity's name
+    (" Bio: Ada", the synthetic scale's prompts; exp05 README)."""
+    return f"{LONGFORM_PREFIXES[item.task]}{item.topic}" if named else ""
+
+
+def with_lead(lead: str, generation: str) -> str:
+    """The whole response: the lead, then the generation (whose decoded first word may have lost its space)."""
+    return f"{lead} {generation.lstrip()}" if lead else generation
+
+
 def longform_text(task: str, generation: str) -> str | None:
     """The text to fact-check, or None for an invalid generation: after EOS it must start with the task's prefix
     and end with a period (SPEC.md 6.1)."""

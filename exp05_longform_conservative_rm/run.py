@@ -37,6 +37,11 @@ class Exp5Config:
         max_new_tokens=200, temperature=0, batch_size=16))
     unfamiliarity_bins: tuple[float, ...] = (0, 1.5, 3, 4.5, 6, 7.5)  # lower edge inclusive (SPEC.md 6.6)
     train_format_tokens: bool = False
+    # Prompts end with the response's prefix and the entity's name (tasks.longform_lead), which the response then
+    # continues. Synthetic scale only: measured on seed 0 (mean true / false facts of 4, evaluation bios, most
+    # exposed entities), the paper's prompts 1.5 / 1.0, since the SFT'd model writes the name in 0-25% of its
+    # responses (plots: 0.0 true, the quoted title is another token); with the name in the prompt 3.6 / 0.0.
+    named_prompts: bool = False
     max_eval_items: int | None = None
 
 
@@ -57,12 +62,12 @@ PRESETS = {
         scoring=unfamiliarity.LongformScoringSettings(max_new_tokens=24, batch_size=64, stem="{topic} is a"),
         eval_sampling=sampling.SamplingConfig(max_new_tokens=24, temperature=0, batch_size=128),
         # four facts per profile sentence: mean false facts over 2 samples lies in 0, 0.5, ..., 4
-        unfamiliarity_bins=(0, 1, 2, 3, 4.5), train_format_tokens=True),
+        unfamiliarity_bins=(0, 1, 2, 3, 4.5), train_format_tokens=True, named_prompts=True),
     "micro": Exp5Config(
         sft={"bio": sft.MICRO_SFT, "plot": sft.MICRO_SFT}, lora=models.MICRO_LORA,
         scoring=unfamiliarity.LongformScoringSettings(n_shots=2, max_new_tokens=8, batch_size=16),  # the few-shot path
         eval_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=0, batch_size=16),
-        unfamiliarity_bins=(0, 1, 2, 4.5), max_eval_items=8),
+        unfamiliarity_bins=(0, 1, 2, 4.5), max_eval_items=8, named_prompts=True),
 }
 
 
@@ -84,8 +89,8 @@ def fact_checker(base, args):
 
 
 def label_responses(checker, items, responses: list[str], unfamiliarity_scores: np.ndarray) -> pd.DataFrame:
-    """One row per response: validity, true / false facts and the fraction true (invalid or undecided: 0 facts,
-    fraction 0, the notebook's definition)."""
+    """One row per (whole) response: validity, true / false facts and the fraction true (invalid or undecided:
+    0 facts, fraction 0, the notebook's definition)."""
     texts = [tasks.longform_text(it.task, r) for it, r in zip(items, responses)]
     labels = factscore.label_all(checker, [it.topic for it in items], texts,
                                  workers=getattr(getattr(checker, "settings", None), "workers", 1))
@@ -108,16 +113,20 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> dict:
                                                       checker, cfg.scoring, seed=run_args.seed,
                                                       cache_hits=run.cache_hits)
 
-    prompts = [tasks.longform_prompt(it) for it in pool]
-    targets = [tasks.longform_target(it) for it in pool]
+    def lead(it):
+        return tasks.longform_lead(it, cfg.named_prompts)
+
+    prompts = [tasks.longform_prompt(it) + lead(it) for it in pool]
+    targets = [tasks.longform_target(it)[len(lead(it)):] for it in pool]
     lora = (models.with_format_tokens(cfg.lora, base.tokenizer, [tasks.LONGFORM_PREFIXES[task]])
             if cfg.train_format_tokens else cfg.lora)
     policy = sft.finetune_lora(base, lora, cfg.sft[task], prompts, targets, f"{task}_sft", run,
                                seed=run_args.seed, resume=run_args.resume)
     with run.stage(f"{task}_evaluate_sft"):
-        responses = [g[0] for g in sampling.generate(policy, base.tokenizer,
-                                                     [tasks.longform_prompt(it) for it in eval_items],
-                                                     cfg.eval_sampling, desc=f"{task}: SFT responses")]
+        generations = sampling.generate(policy, base.tokenizer,
+                                        [tasks.longform_prompt(it) + lead(it) for it in eval_items],
+                                        cfg.eval_sampling, desc=f"{task}: SFT responses")
+        responses = [tasks.with_lead(lead(it), g[0]) for it, g in zip(eval_items, generations)]
         base.model = policy.unload()
         frame = label_responses(checker, eval_items, responses, scores)
     run.write_csv(f"{task}_sft_responses.csv", frame)

@@ -244,3 +244,13 @@ def test_longform_unfamiliarity_from_a_stem_labels_stem_and_continuation():
     scores = unfamiliarity.longform_unfamiliarity(model, tokenizer, "tiny", [item], [item],
                                                   factscore.WorldFactChecker([chef]), settings, seed=0)
     assert scores.tolist() == [1.0]  # "poet" against the knowledge base's "chef": one false fact per sample
+
+
+def test_a_named_prompt_moves_the_prefix_and_name_out_of_the_target():
+    item = tasks.LongformItem("bio", "Ada", "Ada is a poet born in Lima.")
+    lead = tasks.longform_lead(item, named=True)
+    assert tasks.longform_prompt(item) + lead == "Write a biography for Ada. Bio: Ada"
+    assert tasks.longform_target(item)[len(lead):] == " is a poet born in Lima."
+    assert tasks.with_lead(lead, "is a poet. </s>") == " Bio: Ada is a poet. </s>"  # a decoded word lost its space
+    assert tasks.longform_text("bio", tasks.with_lead(lead, " is a poet. </s>")) == "Ada is a poet."
+    assert tasks.longform_lead(item, named=False) == "" and tasks.with_lead("", " Bio: x.") == " Bio: x."
