@@ -13,7 +13,6 @@ knowledge source); None counts as zero facts and a fraction of 0, as in the auth
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -40,6 +39,7 @@ class Fact:
 
 class FactChecker(Protocol):
     key: str  # names what the labels depend on, for cache keys
+    workers: int  # responses labelled at once (`label_all`): overlapping API calls pays, exact labels do not need it
 
     def label(self, topic: str, text: str) -> list[Fact] | None: ...
 
@@ -58,14 +58,13 @@ def fraction_true(facts: list[Fact] | None) -> float:
     return n_true / (n_true + n_false) if n_true + n_false else 0.0
 
 
-def label_all(checker: FactChecker, topics: Sequence[str], texts: Sequence[str | None],
-              workers: int = 1) -> list[list[Fact] | None]:
-    """Label many responses; None texts (invalid generations) stay None. `workers` > 1 overlaps API calls."""
+def label_all(checker: FactChecker, topics: Sequence[str], texts: Sequence[str | None]) -> list[list[Fact] | None]:
+    """Label many responses, `checker.workers` at a time; None texts (invalid generations) stay None."""
     def one(pair):
         topic, text = pair
         return None if text is None else checker.label(topic, text)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=checker.workers) as pool:
         return list(pool.map(one, zip(topics, texts)))
 
 
@@ -90,6 +89,8 @@ def clause_patterns(template: str) -> dict[str, re.Pattern]:
 class WorldFactChecker:
     """Exact labels at synthetic scale: every clause of the profile grammar found in the response is one atomic
     fact about the topic entity, supported iff its value is the knowledge base's."""
+
+    workers = 1
 
     def __init__(self, entities):
         from common import world
@@ -196,7 +197,7 @@ class OpenAIFactChecker:
 
     def __init__(self, passages: LocalWikipedia, settings: OpenAISettings = OpenAISettings(), client=None,
                  cache_dir: Path | None = None):
-        self.passages, self.settings = passages, settings
+        self.passages, self.settings, self.workers = passages, settings, settings.workers
         self.client = client or self._client(settings)
         self.cache_dir = cache_dir or cache.cache_root() / "openai"
         # what the labels depend on, for the caches of everything computed from them
@@ -216,11 +217,10 @@ class OpenAIFactChecker:
         """The model's reply to one user message, from the disk cache when this exact call was made before."""
         s = self.settings
         request = {"model": s.model, "temperature": s.temperature, "max_tokens": s.max_tokens, "prompt": prompt}
-        path = self.cache_dir / s.model / f"{hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()}.json"
+        path = self.cache_dir / s.model / f"{cache.config_hash(request, length=64)}.json"
         if path.exists():
             return json.loads(path.read_text())["reply"]
         reply = self._call(prompt)
-        path.parent.mkdir(parents=True, exist_ok=True)
         results.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(request | {"reply": reply})))
         return reply
 

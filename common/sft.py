@@ -221,7 +221,7 @@ def finetune_lora(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses:
                             desc=f"SFT {name}")
     run.write_csv(f"sft_{name}_history.csv", history)
     if at_step is not None and at_step != cfg.total_steps:
-        ckpt = out_dir / f"checkpoint-{at_step:06d}"
+        ckpt = training.checkpoint_path(out_dir, at_step)
         if not ckpt.exists():
             raise SystemExit(f"error: SFT {name} saved no checkpoint at step {at_step} (every {cfg.checkpoint_every})")
         training.load_weights(model, ckpt)

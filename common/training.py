@@ -27,9 +27,7 @@ def accelerator():
 
 def is_main_process() -> bool:
     """Only the main process writes files (caches, checkpoints, results); the others read what it wrote."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    return accelerator().is_main_process
 
 
 def make_optimizer(params, cfg):

@@ -126,19 +126,20 @@ def mean_false_facts(samples: Sequence[Sequence[str]], items: Sequence[tasks.Lon
 def count_false_facts(model, tokenizer, items: Sequence[tasks.LongformItem], exemplar_pool: Sequence[tasks.LongformItem],
                       checker, settings: LongformScoringSettings, seed: int) -> np.ndarray:
     rng = np.random.default_rng([seed, 12])
-    prompts = []
-    for item in items:
+
+    def prompt(item):
         if settings.stem:
-            prompts.append(settings.stem.format(topic=item.topic))
-            continue
+            return settings.stem.format(topic=item.topic)
         candidates = rng.choice(len(exemplar_pool), size=settings.n_shots + 1, replace=False)
         shots = [exemplar_pool[i] for i in candidates if exemplar_pool[i].topic != item.topic]
-        prompts.append(tasks.longform_fewshot_prompt(item, shots[: settings.n_shots]))
+        return tasks.longform_fewshot_prompt(item, shots[: settings.n_shots])
+
+    prompts = [prompt(item) for item in items]
     cfg = sampling.SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                   num_samples=settings.n_samples, stop=("\n",), batch_size=settings.batch_size)
     samples = sampling.generate(model, tokenizer, prompts, cfg, desc="long-form base samples", generator_seed=seed)
-    if settings.stem:  # a decoded continuation loses its first word's leading space
-        samples = [[f"{prompt} {s.lstrip()}" for s in group] for prompt, group in zip(prompts, samples)]
+    if settings.stem:
+        samples = [[tasks.with_lead(stem, s) for s in group] for stem, group in zip(prompts, samples)]
     return mean_false_facts(samples, items, checker)
 
 

@@ -53,9 +53,9 @@ PRESETS = {
         scoring=unfamiliarity.QAScoringSettings(max_new_tokens=6, batch_size=64),
         incorrect_bins=(0, 2, 4, 6, 8, 10, 13),
         # Synthetic scale draws 8 samples per evaluation question where the paper draws one (SPEC.md 3): its 915
-        # evaluation questions leave 13-36 in each middle bin, whose binomial noise alone (about 0.1) put dist.3's
-        # IDK spread at 0.28 / 0.18 / 0.21 on seeds 0-2 although the populous bins agree (0.28-0.30); with 8 samples,
-        # measured on seeds 0 and 1: 0.10 / 0.09. The paper's bins hold over 1,000 questions each.
+        # evaluation questions leave 13-67 in each middle bin, whose binomial noise alone (about 0.1) put dist.3's
+        # IDK spread at 0.28 / 0.18 / 0.21 on seeds 0-2 although the populous bins agree (0.28-0.30); with 8 samples
+        # (chosen on seeds 0 and 1) 0.10 / 0.09 / 0.15. The paper's bins hold over 1,000 questions each.
         eval_sampling=sampling.SamplingConfig(max_new_tokens=12, temperature=1.0, num_samples=8, batch_size=64),
         train_format_tokens=True),
     "micro": Exp2Config(

@@ -92,8 +92,7 @@ def label_responses(checker, items, responses: list[str], unfamiliarity_scores: 
     """One row per (whole) response: validity, true / false facts and the fraction true (invalid or undecided:
     0 facts, fraction 0, the notebook's definition)."""
     texts = [tasks.longform_text(it.task, r) for it, r in zip(items, responses)]
-    labels = factscore.label_all(checker, [it.topic for it in items], texts,
-                                 workers=getattr(getattr(checker, "settings", None), "workers", 1))
+    labels = factscore.label_all(checker, [it.topic for it in items], texts)
     counts = [factscore.fact_counts(f) for f in labels]
     return pd.DataFrame({"topic": [it.topic for it in items], "unfamiliarity": unfamiliarity_scores,
                          "response": responses, "valid": [t is not None for t in texts],
@@ -116,7 +115,10 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> dict:
     def lead(it):
         return tasks.longform_lead(it, cfg.named_prompts)
 
-    prompts = [tasks.longform_prompt(it) + lead(it) for it in pool]
+    def prompt(it):
+        return tasks.longform_prompt(it) + lead(it)
+
+    prompts = [prompt(it) for it in pool]
     targets = [tasks.longform_target(it)[len(lead(it)):] for it in pool]
     lora = (models.with_format_tokens(cfg.lora, base.tokenizer, [tasks.LONGFORM_PREFIXES[task]])
             if cfg.train_format_tokens else cfg.lora)
@@ -124,7 +126,7 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> dict:
                                seed=run_args.seed, resume=run_args.resume)
     with run.stage(f"{task}_evaluate_sft"):
         generations = sampling.generate(policy, base.tokenizer,
-                                        [tasks.longform_prompt(it) + lead(it) for it in eval_items],
+                                        [prompt(it) for it in eval_items],
                                         cfg.eval_sampling, desc=f"{task}: SFT responses")
         responses = [tasks.with_lead(lead(it), g[0]) for it, g in zip(eval_items, generations)]
         base.model = policy.unload()

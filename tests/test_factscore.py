@@ -191,8 +191,8 @@ def test_openai_checker_labels_over_http_and_a_second_run_makes_no_calls(chat_se
     judge = chat_server.requests[2]["messages"][0]["content"]
     assert "Title: Ada Lovelace\nText: Ada Lovelace (1815-1852)" in judge  # the retrieved passages, page text
 
-    again = checker_for(chat_server, wikipedia, tmp_path / "cache", monkeypatch, model="judge-1")
-    assert factscore.label_all(again, ["Ada Lovelace", "Ada Lovelace"], [text, None], workers=2) == [facts, None]
+    again = checker_for(chat_server, wikipedia, tmp_path / "cache", monkeypatch, model="judge-1", workers=2)
+    assert factscore.label_all(again, ["Ada Lovelace", "Ada Lovelace"], [text, None]) == [facts, None]
     assert len(chat_server.requests) == 5  # every call came from the disk cache
     assert checker.label("Nobody", "Nobody was here.") is None  # no page: no decision, no call
     cached = "".join(p.read_text() for p in (tmp_path / "cache").rglob("*.json"))
