@@ -48,7 +48,7 @@ def run_ours(base, questions, prompts, steps: int, seed: int) -> float:
                           minibatch_size=CONFIG["minibatch_size"], clip_eps=CONFIG["clip_eps"],
                           kl_coef=CONFIG["kl_coef"], max_new_tokens=CONFIG["max_new_tokens"],
                           checkpoint_every=10**9, eval_every=1, sample_batch_size=CONFIG["prompts_per_step"])
-    policy = models.add_lora(base.model, models.LoraSettings())
+    policy = models.add_lora(base.model, models.LoraSettings(), seed=0)
     stamps = []
 
     def stamp(step):  # called at step 0 and after every rollout step's last optimizer step

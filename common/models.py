@@ -96,15 +96,19 @@ def with_format_tokens(settings: LoraSettings, tokenizer, formats: Sequence[str]
     return replace(settings, trainable_tokens=tuple(sorted(ids)))
 
 
-def add_lora(model, settings: LoraSettings = LoraSettings()):
-    """Wrap `model` with a fresh trainable LoRA adapter; the base weights stay frozen."""
+def add_lora(model, settings: LoraSettings = LoraSettings(), *, seed: int):
+    """Wrap `model` with a fresh trainable LoRA adapter; the base weights stay frozen. The adapter's A matrices are
+    drawn from `seed` alone, not the process's global RNG, so the adapter's cache key (which names the seed) fixes
+    its starting point."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     tokens = list(settings.trainable_tokens)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.target_modules), task_type=TaskType.CAUSAL_LM,
                         trainable_token_indices={"embed_tokens": tokens, "lm_head": tokens} if tokens else None)
-    return get_peft_model(model, config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 def merge_lora(peft_model):

@@ -213,7 +213,7 @@ def finetune_lora(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses:
     cache (keyed by the base model, every setting and every pair); `at_step` then puts an earlier checkpoint's
     weights in (the checkpoint rule). Returns the adapted model; call `.unload()` on it to get the untouched base
     back for the next variant."""
-    model = models.add_lora(base.model, lora)
+    model = models.add_lora(base.model, lora, seed=seed)
     out_dir = adapter_dir(base, lora, cfg, prompts, responses, seed)
     run.cache_hits[f"sft_{name}"] = training.is_finished(out_dir, cfg)
     with run.stage(f"sft_{name}"):

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -180,11 +179,11 @@ def informative(per_question: list[list[str]]) -> float:
     return float(np.mean([len(set(simplefact.group_reward(g))) > 1 for g in per_question]))
 
 
-def grpo_policy(start, cfg: Exp6Config):
+def grpo_policy(start, cfg: Exp6Config, seed: int):
     """The policy GRPO trains and its frozen reference: a fresh LoRA adapter on the starting model (reference:
     the adapter disabled), or with `full_finetune` a trainable copy of the starting model (reference: the start)."""
     if not cfg.full_finetune:
-        return models.add_lora(start, cfg.lora), None
+        return models.add_lora(start, cfg.lora, seed=seed), None
     policy = copy.deepcopy(start).float()  # AdamW's 1e-6 steps vanish under bf16 rounding: fp32 master weights
     for p in policy.parameters():
         p.requires_grad_(True)
@@ -346,8 +345,7 @@ def main(argv=None) -> None:
             return evaluation_row(sample_classes(policy, tok, eval_questions, cfg.train_prompt, cfg.eval_samples,
                                                  cfg, eval_seed))
 
-        torch.manual_seed(run_args.seed)  # the adapter's init does not depend on which settings ran before
-        policy, reference = grpo_policy(start, cfg)
+        policy, reference = grpo_policy(start, cfg, run_args.seed)
         out_dir = cache.cache_dir("grpo", start_key, setting, cfg.grpo, cfg.lora, cfg.full_finetune, run_args.seed,
                                   train_prompts, train_questions, cfg.process_reading, cfg.eval_samples,
                                   cfg.sample_batch_size, eval_seed, eval_questions)

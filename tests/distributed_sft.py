@@ -22,7 +22,7 @@ def main(out: Path) -> None:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = models.add_lora(LlamaForCausalLM(config), models.LoraSettings(r=4, alpha=8))
+    model = models.add_lora(LlamaForCausalLM(config), models.LoraSettings(r=4, alpha=8), seed=0)
     # every response is one word and EOS, so each process's token mean weighs its examples as the global one does
     prompts = [f"Where was {n} born?" for n in names]
     responses = [f" {c}" for c in CITIES]

@@ -57,7 +57,7 @@ def test_load_hf_model_from_a_local_folder_sets_left_padding(tiny_tokenizer, tmp
 
 
 def test_lora_targets_q_and_v_only_with_hand_counted_parameters(tiny_tokenizer):
-    model = models.add_lora(tiny_llama(tiny_tokenizer, hidden=8, layers=2), models.LoraSettings())
+    model = models.add_lora(tiny_llama(tiny_tokenizer, hidden=8, layers=2), models.LoraSettings(), seed=0)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all(("q_proj" in n or "v_proj" in n) and "lora_" in n for n in trainable)
     # per layer and module: A is r x in, B is out x r. q: 8 -> 8; v: 8 -> 8 (2 kv heads of dim 4) -> 2*16*8 each
@@ -67,10 +67,25 @@ def test_lora_targets_q_and_v_only_with_hand_counted_parameters(tiny_tokenizer):
     assert torch.allclose(before, merged(torch.tensor([[4, 5, 6]])).logits, atol=1e-6)
 
 
+def test_lora_init_depends_on_its_seed_only_and_leaves_the_global_rng_alone(tiny_tokenizer):
+    def lora_a(seed, global_seed):
+        base = tiny_llama(tiny_tokenizer, hidden=8, layers=2)
+        torch.manual_seed(global_seed)
+        model = models.add_lora(base, models.LoraSettings(), seed=seed)
+        return torch.cat([p.flatten() for n, p in model.named_parameters() if "lora_A" in n]), torch.rand(1)
+
+    a, after = lora_a(seed=3, global_seed=1)
+    b, _ = lora_a(seed=3, global_seed=2)
+    c, _ = lora_a(seed=4, global_seed=1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.rand(1))  # the global stream goes on as if no adapter had been drawn
+
+
 def test_trainable_tokens_train_their_embedding_and_output_rows_only_and_merge(tiny_tokenizer):
     base = tiny_llama(tiny_tokenizer, hidden=8, layers=2)
     embed, head = base.model.embed_tokens.weight.detach().clone(), base.lm_head.weight.detach().clone()
-    model = models.add_lora(base, models.LoraSettings(trainable_tokens=(5, 7)))
+    model = models.add_lora(base, models.LoraSettings(trainable_tokens=(5, 7)), seed=0)
     # LoRA as above, plus 2 rows x 8 of the input embedding and 2 rows x 8 of the (untied) output layer
     assert models.count_parameters(model)[0] == 2 * 2 * (16 * 8 + 8 * 16) + 2 * 8 + 2 * 8
     x = torch.tensor([[4, 5, 7, 6]])  # 5 and 7 are read (not last) and predicted (not first)

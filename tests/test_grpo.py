@@ -56,7 +56,7 @@ def test_clipped_surrogate_with_sequence_ratio_by_hand():
 
 def toy_policy(tokenizer, seed=0):
     model = tiny_llama(tokenizer, hidden=16, seed=seed, init_std=0.1)
-    return models.add_lora(model, models.LoraSettings(r=4, alpha=8))
+    return models.add_lora(model, models.LoraSettings(r=4, alpha=8), seed=0)
 
 
 def test_the_loss_moves_the_policy_toward_the_rewarded_response(tiny_tokenizer):

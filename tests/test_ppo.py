@@ -91,7 +91,7 @@ PROMPTS = ["Q: Where was Velorin born?\nA:", "Q: Where was Tovtan born?\nA:", "A
 
 
 def _rewarding_paris(tokenizer, cfg, out_dir, evaluate=None, resume=False, prompts=PROMPTS[:2]):
-    policy = models.add_lora(tiny_llama(tokenizer, hidden=16), models.LoraSettings(r=4, alpha=8))
+    policy = models.add_lora(tiny_llama(tokenizer, hidden=16), models.LoraSettings(r=4, alpha=8), seed=0)
     seen = []
 
     def score(idx, texts):
@@ -123,7 +123,7 @@ def test_ppo_runs_warms_up_the_value_head_and_caches_its_result(tiny_tokenizer, 
 def test_value_only_warm_up_leaves_the_policy_untouched(tiny_tokenizer, tmp_path):
     cfg = ppo.PPOConfig(lr=1e-2, eta_min=1e-2, total_steps=2, num_rollouts=4, chunk_size=2, batch_size=2,
                         ppo_epochs=1, vf_only_steps=2, max_new_tokens=3)
-    policy = models.add_lora(tiny_llama(tiny_tokenizer, hidden=16), models.LoraSettings(r=4, alpha=8))
+    policy = models.add_lora(tiny_llama(tiny_tokenizer, hidden=16), models.LoraSettings(r=4, alpha=8), seed=0)
     with torch.no_grad():  # LoRA B starts at zero; make the adapter non-trivial so a step would move it
         for n, p in policy.named_parameters():
             if "lora_B" in n:

@@ -5,7 +5,6 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from common import results, reward_model, sft, tasks, unfamiliarity
 from conftest import last_token_model, tiny_llama
@@ -72,7 +71,6 @@ def test_training_makes_the_reward_model_follow_its_labels(rm_tokenizer, tmp_pat
     prompts = ["Q: Where was Velorin born?\nA: Paris\n", "Q: Where was Velorin born?\nA: Rome\n"]
 
     cfg = sft.SFTConfig(lr=3e-2, batch_size=2, total_steps=60, t_max=60, eta_min=3e-2, checkpoint_every=60)
-    torch.manual_seed(0)
     run = results.Run(tmp_path, "exp04", "synthetic", "micro", 0)
     model = reward_model.train(base, models.LoraSettings(r=4, alpha=8), cfg, prompts, [1, 0], "rm", run, seed=0)
     p = reward_model.predict(model, rm_tokenizer, prompts)

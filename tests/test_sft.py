@@ -42,7 +42,7 @@ def test_response_loss_by_hand():
 
 
 def lora_model(tokenizer):
-    return models.add_lora(tiny_llama(tokenizer, hidden=16, init_std=0.3), models.LoraSettings(r=4, alpha=8))
+    return models.add_lora(tiny_llama(tokenizer, hidden=16, init_std=0.3), models.LoraSettings(r=4, alpha=8), seed=0)
 
 
 def adapter_state(model):
