@@ -1,6 +1,7 @@
 """Model loading (a Hugging Face id or the synthetic world's model) and LoRA adapters via peft."""
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -114,6 +115,12 @@ def add_lora(model, settings: LoraSettings = LoraSettings(), *, seed: int):
 def merge_lora(peft_model):
     """Fold the adapter into the base weights (the PPO starting point, SPEC.md 0.1)."""
     return peft_model.merge_and_unload()
+
+
+def merged_copy(peft_model):
+    """A copy of the base weights with the adapter folded in, leaving `peft_model` and the base it wraps untouched,
+    so that one loaded base serves every variant a run trains (it costs one more copy of the weights)."""
+    return copy.deepcopy(peft_model).merge_and_unload()
 
 
 def load_lora(model, adapter_dir, trainable: bool = False):

@@ -5,6 +5,7 @@ k samples (`num_return_sequences`); choice scoring and continuation likelihoods 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -100,16 +101,41 @@ def generate(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, desc
 class StopOnStrings(StoppingCriteria):
     """Marks a sequence finished once its generated text contains a stop string.
 
-    transformers' own `stop_strings` needs a sentencepiece/BPE-style vocabulary; decoding the new tokens works with
-    any tokenizer, the synthetic word-level one included.
+    transformers' own `stop_strings` needs a sentencepiece/BPE-style vocabulary; decoding works with any tokenizer,
+    the synthetic word-level one included. Only rows whose newest token can complete a stop string
+    (`stop_token_mask`) are decoded, and only their last few tokens: a string of n characters spans at most n tokens
+    that each add one, so a window of n + 2 also keeps the space a sentencepiece decode drops at its start.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str], prompt_len: int):
         self.tokenizer, self.stop, self.prompt_len = tokenizer, tuple(stop), prompt_len
+        self.may_stop = stop_token_mask(tokenizer, self.stop)
+        self.window = max(len(s) for s in self.stop) + 2
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        if input_ids.shape[1] > self.prompt_len:
+            rows = torch.nonzero(self.may_stop[input_ids[:, -1].cpu()]).flatten().tolist()
+            start = max(self.prompt_len, input_ids.shape[1] - self.window)
+            tails = self.tokenizer.batch_decode(input_ids[rows, start:], skip_special_tokens=True)
+            done[rows] = torch.tensor([any(s in t for s in self.stop) for t in tails], dtype=torch.bool)
+        return done.to(input_ids.device)
+
+
+@functools.lru_cache(maxsize=8)
+def stop_token_mask(tokenizer, stop: tuple[str, ...]) -> torch.Tensor:
+    """Per vocabulary id, whether the token can complete a stop string: the text it adds after another token shares
+    a character with one (read in context, since a sentencepiece token's leading space vanishes on its own), or is
+    not plain text (a partial UTF-8 byte). Special tokens never do: decoding skips them."""
+    special = set(tokenizer.all_special_ids)
+    ref = next(i for i in range(len(tokenizer)) if i not in special and tokenizer.decode([i]).isalnum())
+    prefix = tokenizer.decode([ref])
+    texts = tokenizer.batch_decode([[ref, i] for i in range(len(tokenizer))], skip_special_tokens=True)
+    chars = set("".join(stop))
+    mask = torch.tensor([not t.startswith(prefix) or "\ufffd" in t or bool(chars.intersection(t[len(prefix):]))
+                         for t in texts], dtype=torch.bool)
+    mask[list(special)] = False  # also the padding of finished rows
+    return mask
 
 
 def _strip_padding(new_tokens: torch.Tensor, tokenizer) -> list[list[int]]:

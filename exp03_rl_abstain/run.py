@@ -101,12 +101,15 @@ PRESETS = {
 
 def rl_policy(base: models.Base, cfg: Exp3Config, sft_cfg: sft.SFTConfig, prompts: list[str], targets: list[str],
               formats: list[str], name: str, run, seed: int, resume: bool):
-    """The SFT starting point (on the whole finetuning pool, as PPO), merged into the base weights, with a fresh
-    LoRA adapter for PPO (SPEC.md 0.1); and a key naming that starting point."""
+    """The SFT starting point (on the whole finetuning pool, as PPO), merged into a copy of the base weights, with a
+    fresh LoRA adapter for PPO (SPEC.md 0.1); and a key naming that starting point. `base.model` comes back
+    untouched for the next policy."""
     sft_lora = models.with_format_tokens(cfg.lora, base.tokenizer, formats) if cfg.train_format_tokens else cfg.lora
     model = sft.finetune_lora(base, sft_lora, sft_cfg, prompts, targets, name, run, seed=seed, resume=resume)
     init_key = sft.adapter_dir(base, sft_lora, sft_cfg, prompts, targets, seed).name
-    return models.add_lora(models.merge_lora(model), cfg.lora, seed=seed), init_key
+    start = models.merged_copy(model)
+    base.model = model.unload()
+    return models.add_lora(start, cfg.lora, seed=seed), init_key
 
 
 def train_policy(policy, init_key: str, tokenizer, prompts: list[str], score, cfg: Exp3Config, task: str,
@@ -146,8 +149,7 @@ def plot_curves(curves: pd.DataFrame, name: str, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # MMLU
 
-def run_mmlu(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
-    base = models.load_base(run_args.scale, run_args.preset, run_args.seed, cache_hits=run.cache_hits)
+def run_mmlu(base: models.Base, reward_name: str, cfg: Exp3Config, run, run_args) -> None:
     splits = base.world.mmlu_splits() if base.world is not None else data.load_mmlu()
     pool, eval_questions = splits["finetune"], splits["eval"][: cfg.max_eval_questions]
     with run.stage("mmlu_score_unfamiliarity"):
@@ -196,8 +198,7 @@ def run_mmlu(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # TriviaQA
 
-def run_triviaqa(reward_name: str, cfg: Exp3Config, run, run_args) -> None:
-    base = models.load_base(run_args.scale, run_args.preset, run_args.seed, cache_hits=run.cache_hits)
+def run_triviaqa(base: models.Base, reward_name: str, cfg: Exp3Config, run, run_args) -> None:
     splits = base.world.triviaqa_splits() if base.world is not None else data.load_triviaqa()
     pool, eval_questions = splits["finetune"], splits["eval"][: cfg.max_eval_questions]
     with run.stage("triviaqa_score_unfamiliarity"):
@@ -307,9 +308,11 @@ def main(argv=None) -> None:
     task_names = ["mmlu", "triviaqa"] if args.task == "both" else [args.task]
     run = results.Run(run_args.out, EXPERIMENT, run_args.scale, run_args.preset, run_args.seed,
                       config=asdict(cfg) | {"rewards": rewards, "tasks": task_names})
+    with run.stage("load_base_model"):
+        base = models.load_base(run_args.scale, run_args.preset, run_args.seed, cache_hits=run.cache_hits)
     for reward_name in rewards:
         for task in task_names:
-            (run_mmlu if task == "mmlu" else run_triviaqa)(reward_name, cfg, run, run_args)
+            (run_mmlu if task == "mmlu" else run_triviaqa)(base, reward_name, cfg, run, run_args)
     run.write_claims(compute_claims(run.out_dir))
     run.write_manifest()
 

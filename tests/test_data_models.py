@@ -82,6 +82,21 @@ def test_lora_init_depends_on_its_seed_only_and_leaves_the_global_rng_alone(tiny
     assert torch.equal(after, torch.rand(1))  # the global stream goes on as if no adapter had been drawn
 
 
+def test_merged_copy_folds_the_adapter_into_a_copy_and_leaves_the_base_as_it_was(tiny_tokenizer):
+    base = tiny_llama(tiny_tokenizer, hidden=8, layers=2)
+    x = torch.tensor([[4, 5, 6]])
+    before = base(x).logits.detach()
+    model = models.add_lora(base, models.LoraSettings(), seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.5)  # a trained adapter: B is no longer zero
+    adapted = model(x).logits.detach()
+    start = models.merged_copy(model)
+    assert torch.allclose(start(x).logits, adapted, atol=1e-5) and not torch.allclose(adapted, before)
+    assert torch.equal(model.unload()(x).logits.detach(), before)
+
+
 def test_trainable_tokens_train_their_embedding_and_output_rows_only_and_merge(tiny_tokenizer):
     base = tiny_llama(tiny_tokenizer, hidden=8, layers=2)
     embed, head = base.model.embed_tokens.weight.detach().clone(), base.lm_head.weight.detach().clone()

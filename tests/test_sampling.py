@@ -125,3 +125,51 @@ def test_seeded_sampling_repeats_itself_and_leaves_the_global_rng_alone(tiny_tok
     assert sampling.generate_ids(model, tiny_tokenizer, ["Q:", "A:"], cfg, generator_seed=7) == first
     texts = sampling.generate(model, tiny_tokenizer, ["Q:", "A:"], cfg, generator_seed=7)
     assert texts == [[tiny_tokenizer.decode(r, skip_special_tokens=False) for r in rows] for rows in first]
+
+
+def metaspace_tokenizer():
+    """A small BPE tokenizer with Llama's sentencepiece-style spaces ("▁"), trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    texts = ["Q: Where was Velorin born?\nA: Paris\n\nQ: Where was Tovtan born?\nA: Rome. Answer: B"] * 20
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="<unk>")
+
+
+@pytest.mark.parametrize("which", ["word", "metaspace"])
+@pytest.mark.parametrize("stop, most_rows_skipped", [(("\nQ:", "."), True), (("\nQ:", " Answer", ".", ": "), False)])
+def test_stop_strings_on_token_ids_stop_where_decoding_everything_does(tiny_tokenizer, which, stop,
+                                                                        most_rows_skipped):
+    """Every row stops at the step where decoding all its new tokens first shows a stop string. With a space in a
+    stop string every word-level token can complete it, so only the other case must skip most rows."""
+    tokenizer = tiny_tokenizer if which == "word" else metaspace_tokenizer()
+    ordinary = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
+    ids = torch.tensor(ordinary)[torch.randint(len(ordinary), (256, 14), generator=torch.Generator().manual_seed(0))]
+    prompt_len = 3
+    criterion = sampling.StopOnStrings(tokenizer, stop, prompt_len)
+    decoded_rows = 0
+    batch_decode = tokenizer.batch_decode
+
+    def counting(rows, **kw):
+        nonlocal decoded_rows
+        decoded_rows += len(rows)
+        return batch_decode(rows, **kw)
+
+    tokenizer.batch_decode = counting
+    first_stop = {}
+    for t in range(prompt_len + 1, ids.shape[1] + 1):
+        for row in torch.nonzero(criterion(ids[:, :t], None)).flatten().tolist():
+            first_stop.setdefault(row, t)
+    tokenizer.batch_decode = batch_decode
+    expected = {}
+    for row in range(len(ids)):
+        for t in range(prompt_len + 1, ids.shape[1] + 1):
+            if any(s in tokenizer.decode(ids[row, prompt_len:t], skip_special_tokens=True) for s in stop):
+                expected[row] = t
+                break
+    assert first_stop == expected and 20 < len(expected) < 256  # some rows stop, at the same step as before
+    if most_rows_skipped:
+        assert decoded_rows < 0.5 * 256 * (ids.shape[1] - prompt_len)

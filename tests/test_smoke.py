@@ -83,7 +83,8 @@ def test_exp02_micro_run_writes_bars_and_claims(tmp_path):
 
 
 def test_exp03_micro_run_trains_both_tasks_and_keeps_the_other_rewards_results(tmp_path):
-    run_module(["exp03_rl_abstain/run.py", "--scale", "synthetic", "--reward", "first"], tmp_path)
+    proc = run_module(["exp03_rl_abstain/run.py", "--scale", "synthetic", "--reward", "first"], tmp_path)
+    assert proc.stderr.count("stage load_base_model done") == 1  # one base serves both tasks' policies
     claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
     assert [c["id"] for c in claims] == ["fig3.mmlu.first.no_abstain", "fig3.mmlu.familiar_correct",
                                          "fig3.triviaqa.first.no_abstain", "fig3.triviaqa.familiar_correct"]
