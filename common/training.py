@@ -30,6 +30,15 @@ def is_main_process() -> bool:
     return accelerator().is_main_process
 
 
+def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """Each statistic averaged over the processes of a multi-process run (as is with one process)."""
+    acc = accelerator()
+    if acc.num_processes == 1:
+        return values
+    means = acc.reduce(torch.tensor(list(values.values()), dtype=torch.float64, device=acc.device), "mean")
+    return dict(zip(values, means.tolist()))
+
+
 def make_optimizer(params, cfg):
     """AdamW with a per-step CosineAnnealingLR (SPEC.md 0.3), from any config with lr, betas, eps, weight_decay,
     t_max and eta_min."""

@@ -1,5 +1,5 @@
-"""Two CPU processes through torchrun and accelerate (gloo) train the micro SFT as one process does with the same
-global batch, and only the main process writes."""
+"""Two CPU processes through torchrun and accelerate (gloo) train the micro SFT and GRPO as one process does with
+the same global batch, and only the main process writes."""
 import json
 import os
 import shutil
@@ -11,20 +11,21 @@ import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tests" / "distributed_sft.py"
+TWO = ["torchrun", "--standalone", "--nproc_per_node", "2"]
+needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun (torch's launcher) is not on PATH")
 
 
-def launch(command, out):
+def launch(command, script, *args):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*command, str(SCRIPT), str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([*command, str(ROOT / "tests" / script), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun (torch's launcher) is not on PATH")
+@needs_torchrun
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    launch([sys.executable], tmp_path / "one")
-    launch(["torchrun", "--standalone", "--nproc_per_node", "2"], tmp_path / "two")
+    launch([sys.executable], "distributed_sft.py", tmp_path / "one")
+    launch(TWO, "distributed_sft.py", tmp_path / "two")
     one = json.loads((tmp_path / "one" / "written_by_rank0.json").read_text())["losses"]
     two = json.loads((tmp_path / "two" / "written_by_rank0.json").read_text())["losses"]
     # each process's token mean over half the batch, all-reduced, equals the token mean over the whole batch
@@ -38,3 +39,33 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         assert (weights[0][name] - weights[1][name]).abs().max() < 1e-5, name
+
+
+@needs_torchrun
+def test_grpo_minibatch_split_over_two_processes_updates_as_one_process(tmp_path):
+    launch([sys.executable], "distributed_grpo.py", "update", tmp_path / "one")
+    launch(TWO, "distributed_grpo.py", "update", tmp_path / "two")
+    one, two = (load_file(tmp_path / out / "adapter" / "adapter_model.safetensors") for out in ("one", "two"))
+    assert one.keys() == two.keys()
+    for name in one:
+        assert (one[name] - two[name]).abs().max() < 1e-5, name
+    assert any(two[name].abs().max() > 0 for name in two if "lora_B" in name)  # the updates did move the adapter
+
+
+@needs_torchrun
+def test_grpo_under_two_processes_scores_whole_groups_once_keeps_weights_in_step_and_writes_once(tmp_path):
+    from common.rl import rollouts
+
+    launch(TWO, "distributed_grpo.py", "train", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    order = rollouts.PromptOrder(8, [0, 61])
+    for step in (0, 1):
+        drawn = [order.next() for _ in range(4)]
+        order.rng.permutation(4)  # each step's minibatch order, drawn from the same generator after the prompts
+        mine = [[i for s, i in r["scored"] if s == step] for r in ranks]
+        assert mine == [drawn[0::2], drawn[1::2]]  # every n-th prompt of the step, each group scored once
+    assert ranks[0]["digest"] == pytest.approx(ranks[1]["digest"], abs=1e-9)  # DDP kept the adapters equal
+    assert [h.get("evaluated_by") for h in ranks[0]["history"]] == [0, 0, 0]  # step 0 and both steps, by rank 0
+    assert all("evaluated_by" not in h for h in ranks[1]["history"])
+    assert ranks[0]["history"][1]["reward"] == ranks[1]["history"][0]["reward"]  # means over both processes' groups
+    assert sorted(p.name for p in (tmp_path / "grpo").iterdir()) == ["checkpoint-000001", "checkpoint-000002"]

@@ -105,6 +105,30 @@ def scored_logprobs(model, flat: Sequence[rollouts.Rollout], pad_id: int, miniba
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 
+def minibatch_updates(model, optimizer, scheduler, flat: Sequence[rollouts.Rollout], old: torch.Tensor,
+                      ref: torch.Tensor | None, advantages: torch.Tensor, permutation: np.ndarray, minibatch: int,
+                      cfg: GRPOConfig, pad_id: int, desc: str, step: int, last_good: Path | None) -> list[dict]:
+    """One optimizer step per `minibatch` rollouts of `flat` in `permutation` order. `model` is the policy, or
+    its DDP wrapper in a multi-process run: each process then holds its share of every minibatch and the
+    gradients are averaged, which is the whole minibatch's mean loss when the shares are equal."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    stats = []
+    for start in range(0, len(flat), minibatch):
+        mb = permutation[start : start + minibatch]
+        logprob = sequence_logprobs(model, [flat[i] for i in mb], pad_id)
+        loss, s = grpo_loss(logprob, old[mb], None if ref is None else ref[mb], advantages[mb], cfg.clip_eps,
+                            cfg.kl_coef, cfg.kl_clamp)
+        training.check_finite(loss, desc, step, last_good)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        training.check_finite(norm, desc, step, last_good, "gradient norm")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats.append(s)
+    return stats
+
+
 def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupReward, cfg: GRPOConfig,
                out_dir: Path, seed: int, resume: bool = False, evaluate: Callable[[int], dict] | None = None,
                reference=None, desc: str = "grpo") -> pd.DataFrame:
@@ -112,22 +136,36 @@ def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupRew
     disabled) or a fully trainable model with a frozen copy of its start as `reference`. Returns one row per
     rollout step (reward, the share of groups whose rewards differ, KL, clip fraction, ...; `evaluate(step)` adds
     columns at step 0 and every `eval_every` steps). A finished run in `out_dir` is loaded instead of retrained;
-    an unfinished one continues exactly, same prompt order and random streams, with `resume`."""
+    an unfinished one continues exactly, same prompt order and random streams, with `resume`.
+
+    Under several processes (accelerate) every process draws the same prompts and keeps every n-th one, whole
+    groups: it samples, scores and computes advantages for its own groups and holds 1/n of every minibatch, DDP
+    averages the gradients, and the history's statistics are means over all groups. Only the main process
+    evaluates and writes checkpoints."""
     out_dir = Path(out_dir)
+    acc = training.accelerator()
+    n_proc, rank = acc.num_processes, acc.process_index
+    if cfg.prompts_per_step % n_proc or cfg.minibatch_size % n_proc:
+        raise ValueError(f"prompts_per_step {cfg.prompts_per_step} and minibatch_size {cfg.minibatch_size} must "
+                         f"split over {n_proc} processes")
     optimizer, scheduler = training.make_optimizer([p for p in policy.parameters() if p.requires_grad], cfg)
     torch.manual_seed(seed)  # a loaded checkpoint restores the RNG it saved
     step, history, loop, last_good = training.begin(policy, optimizer, scheduler, out_dir, cfg, resume, desc)
     order = rollouts.PromptOrder(len(prompts), [seed, 61], loop)
+    model = acc.prepare_model(policy) if n_proc > 1 else policy
     pad = tokenizer.pad_token_id
 
-    if evaluate is not None and step == 0:
+    if evaluate is not None and step == 0 and acc.is_main_process:
         history.append({"step": 0, **evaluate(0)})
-    bar = tqdm(total=cfg.total_steps, initial=step, desc=desc)
+    bar = tqdm(total=cfg.total_steps, initial=step, desc=desc, disable=not acc.is_main_process)
     while step < cfg.total_steps:
-        idx = [order.next() for _ in range(cfg.prompts_per_step)]
+        idx = [order.next() for _ in range(cfg.prompts_per_step)][rank::n_proc]
         policy.eval()
+        # One process draws from the global stream, which its checkpoints keep; several draw from their own
+        # (seed, step, process) streams, so a resumed multi-process run samples as an uninterrupted one.
+        own = None if n_proc == 1 else int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
         groups = rollouts.sample(policy, tokenizer, [prompts[i] for i in idx], cfg.group_size, cfg.max_new_tokens,
-                                 cfg.temperature, cfg.sample_batch_size, desc=f"{desc}: sample")
+                                 cfg.temperature, cfg.sample_batch_size, desc=f"{desc}: sample", generator_seed=own)
         rewards = torch.tensor([list(group_reward(step, i, [tokenizer.decode(r.response_ids) for r in group]))
                                 for i, group in zip(idx, groups)], dtype=torch.float32)
         advantages = group_advantages(rewards, cfg.std_normalize).flatten()
@@ -142,37 +180,29 @@ def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupRew
                 ref = scored_logprobs(reference, flat, pad, cfg.minibatch_size)
 
         policy.train()
-        stats = []
-        permutation = order.rng.permutation(len(flat))
-        for start in range(0, len(flat), cfg.minibatch_size):
-            mb = permutation[start : start + cfg.minibatch_size]
-            logprob = sequence_logprobs(policy, [flat[i] for i in mb], pad)
-            loss, s = grpo_loss(logprob, old[mb], None if ref is None else ref[mb], advantages[mb], cfg.clip_eps,
-                                cfg.kl_coef, cfg.kl_clamp)
-            training.check_finite(loss, desc, step + 1, last_good)
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad],
-                                                  cfg.max_grad_norm)
-            training.check_finite(norm, desc, step + 1, last_good, "gradient norm")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            stats.append(s)
+        stats = minibatch_updates(model, optimizer, scheduler, flat, old, ref, advantages,
+                                  order.rng.permutation(len(flat)), cfg.minibatch_size // n_proc, cfg, pad, desc,
+                                  step + 1, last_good)
         step += 1
-        row = {"step": step, "reward": rewards.mean().item(),
-               "informative_groups": (rewards.std(-1) > 0).float().mean().item(),
-               "response_tokens": float(np.mean([len(r.response_ids) for r in flat])),
-               **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}, "lr": scheduler.get_last_lr()[0]}
-        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.total_steps):
+        every = acc.gather(rewards) if n_proc > 1 else rewards
+        means = training.mean_over_processes(
+            {"response_tokens": float(np.mean([len(r.response_ids) for r in flat])),
+             **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}})
+        row = {"step": step, "reward": every.mean().item(),
+               "informative_groups": (every.std(-1) > 0).float().mean().item(), **means,
+               "lr": scheduler.get_last_lr()[0]}
+        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.total_steps) and acc.is_main_process:
             policy.eval()
             row.update(evaluate(step))
         history.append(row)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row['kl']:.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-            last_good = training.save_checkpoint(policy, optimizer, scheduler, step, history, out_dir,
-                                                 loop_state=order.state(),
-                                                 keep_last=cfg.keep_checkpoints)
+            if acc.is_main_process:
+                training.save_checkpoint(policy, optimizer, scheduler, step, history, out_dir,
+                                         loop_state=order.state(), keep_last=cfg.keep_checkpoints)
+            acc.wait_for_everyone()
+            last_good = training.checkpoint_path(out_dir, step)
     bar.close()
     policy.eval()
     return pd.DataFrame(history)

@@ -48,12 +48,13 @@ class PromptOrder:
 
 
 def sample(model, tokenizer, prompts: Sequence[str], num_samples: int, max_new_tokens: int, temperature: float,
-           batch_size: int, desc: str = "rollouts") -> list[list[Rollout]]:
+           batch_size: int, desc: str = "rollouts", generator_seed: int | None = None) -> list[list[Rollout]]:
     """`num_samples` responses per prompt (one encoding of the prompt each, KV cache), each ending at its EOS
-    (kept, so the policy learns to stop) or after `max_new_tokens`."""
+    (kept, so the policy learns to stop) or after `max_new_tokens`; drawn from the global torch stream, or from
+    `generator_seed`'s own (`sampling.generate_ids`)."""
     cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, num_samples=num_samples,
                                   batch_size=batch_size)
-    responses = sampling.generate_ids(model, tokenizer, prompts, cfg, desc=desc)
+    responses = sampling.generate_ids(model, tokenizer, prompts, cfg, desc=desc, generator_seed=generator_seed)
     out = []
     for prompt, group in zip(prompts, responses):
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
