@@ -30,6 +30,15 @@ def is_main_process() -> bool:
     return accelerator().is_main_process
 
 
+def sum_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """A detached tensor summed over the processes of a multi-process run (itself with one process), on its own
+    device."""
+    acc = accelerator()
+    if acc.num_processes == 1:
+        return value
+    return acc.reduce(value.detach().to(acc.device), "sum").to(value.device)
+
+
 def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
     """Each statistic averaged over the processes of a multi-process run (as is with one process)."""
     acc = accelerator()

@@ -34,3 +34,6 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    if torch.distributed.is_initialized():  # leave together: a process exiting mid-teardown aborts gloo
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

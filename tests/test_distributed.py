@@ -1,5 +1,5 @@
-"""Two CPU processes through torchrun and accelerate (gloo) train the micro SFT and GRPO as one process does with
-the same global batch, and only the main process writes."""
+"""Two CPU processes through torchrun and accelerate (gloo) train the micro SFT, GRPO and PPO as one process does
+with the same global batch, and only the main process writes."""
 import json
 import os
 import shutil
@@ -8,11 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
+
+from common.rl import rollouts
 
 ROOT = Path(__file__).resolve().parent.parent
 TWO = ["torchrun", "--standalone", "--nproc_per_node", "2"]
-needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun (torch's launcher) is not on PATH")
+needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None,
+                                    reason="torchrun (torch's launcher) is not on PATH")
 
 
 def launch(command, script, *args):
@@ -43,8 +47,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
 @needs_torchrun
 def test_grpo_minibatch_split_over_two_processes_updates_as_one_process(tmp_path):
-    launch([sys.executable], "distributed_grpo.py", "update", tmp_path / "one")
-    launch(TWO, "distributed_grpo.py", "update", tmp_path / "two")
+    launch([sys.executable], "distributed_rl.py", "grpo_update", tmp_path / "one")
+    launch(TWO, "distributed_rl.py", "grpo_update", tmp_path / "two")
     one, two = (load_file(tmp_path / out / "adapter" / "adapter_model.safetensors") for out in ("one", "two"))
     assert one.keys() == two.keys()
     for name in one:
@@ -53,19 +57,55 @@ def test_grpo_minibatch_split_over_two_processes_updates_as_one_process(tmp_path
 
 
 @needs_torchrun
-def test_grpo_under_two_processes_scores_whole_groups_once_keeps_weights_in_step_and_writes_once(tmp_path):
-    from common.rl import rollouts
+def test_ppo_minibatch_split_over_two_processes_updates_as_one_process(tmp_path):
+    """Token means, whitening and the value loss cover both shares (the shares have different token counts)."""
+    launch([sys.executable], "distributed_rl.py", "ppo_update", tmp_path / "one")
+    launch(TWO, "distributed_rl.py", "ppo_update", tmp_path / "two")
+    one, two = (load_file(tmp_path / out / "adapter" / "adapter_model.safetensors") for out in ("one", "two"))
+    for name in one:
+        assert (one[name] - two[name]).abs().max() < 1e-5, name
+    assert any(two[name].abs().max() > 0 for name in two if "lora_B" in name)
+    heads = [torch.load(tmp_path / out / "value_head.pt") for out in ("one", "two")]
+    for name in heads[0]:
+        assert (heads[0][name] - heads[1][name]).abs().max() < 1e-5, name
 
-    launch(TWO, "distributed_grpo.py", "train", tmp_path)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+def per_rank_evidence(tmp_path):
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def assert_in_step_and_evaluated_once(ranks, evaluations):
+    assert ranks[0]["digest"] == pytest.approx(ranks[1]["digest"], abs=1e-9)  # DDP kept the weights equal
+    assert [h["step"] for h in ranks[0]["history"] if "evaluated_by" in h] == evaluations
+    assert {h["evaluated_by"] for h in ranks[0]["history"] if "evaluated_by" in h} == {0}
+    assert all("evaluated_by" not in h for h in ranks[1]["history"])
+
+
+@needs_torchrun
+def test_grpo_under_two_processes_scores_whole_groups_once_keeps_weights_in_step_and_writes_once(tmp_path):
+    launch(TWO, "distributed_rl.py", "grpo_train", tmp_path)
+    ranks = per_rank_evidence(tmp_path)
     order = rollouts.PromptOrder(8, [0, 61])
     for step in (0, 1):
         drawn = [order.next() for _ in range(4)]
-        order.rng.permutation(4)  # each step's minibatch order, drawn from the same generator after the prompts
+        order.rng.permutation(4)  # the step's minibatch order, drawn from the same generator after the prompts
         mine = [[i for s, i in r["scored"] if s == step] for r in ranks]
         assert mine == [drawn[0::2], drawn[1::2]]  # every n-th prompt of the step, each group scored once
-    assert ranks[0]["digest"] == pytest.approx(ranks[1]["digest"], abs=1e-9)  # DDP kept the adapters equal
-    assert [h.get("evaluated_by") for h in ranks[0]["history"]] == [0, 0, 0]  # step 0 and both steps, by rank 0
-    assert all("evaluated_by" not in h for h in ranks[1]["history"])
+    assert_in_step_and_evaluated_once(ranks, [0, 1, 2])
     assert ranks[0]["history"][1]["reward"] == ranks[1]["history"][0]["reward"]  # means over both processes' groups
     assert sorted(p.name for p in (tmp_path / "grpo").iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
+
+
+@needs_torchrun
+def test_ppo_under_two_processes_collects_every_other_prompt_keeps_weights_in_step_and_writes_once(tmp_path):
+    launch(TWO, "distributed_rl.py", "ppo_train", tmp_path)
+    ranks = per_rank_evidence(tmp_path)
+    order = rollouts.PromptOrder(8, [0, 31])
+    for round_ in range(4):  # 4 rollouts a round, 2 per process, one step each
+        drawn = [order.next() for _ in range(4)]
+        order.rng.permutation(2)
+        mine = [[i for r_, i in r["scored"] if r_ == round_] for r in ranks]
+        assert mine == [drawn[0::2], drawn[1::2]]
+    assert_in_step_and_evaluated_once(ranks, [0, 2, 4])
+    assert ranks[0]["history"][1]["mean_score"] == ranks[1]["history"][0]["mean_score"]
+    assert sorted(p.name for p in (tmp_path / "ppo").iterdir()) == ["checkpoint-000002", "checkpoint-000004"]

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from common import training
@@ -55,14 +56,18 @@ class PPOConfig:
 # ---------------------------------------------------------------------------------------------------------------
 # The pieces, on [batch, response tokens] tensors; `mask` is 1 on response tokens and 0 on padding after them.
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, n_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean over response tokens; with `n_tokens` (the whole minibatch's count in a multi-process run) this
+    process's share of it, which summed over the processes is the mean."""
+    return (x * mask).sum() / (mask.sum() if n_tokens is None else n_tokens).clamp(min=1)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean and unit variance over the response tokens (padding left at 0)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """Zero mean and unit variance over the response tokens of the whole minibatch, every process's share of it
+    included (padding left at 0)."""
+    n_tokens = training.sum_over_processes(mask.sum())
+    mean = training.sum_over_processes(masked_mean(x, mask, n_tokens))
+    var = training.sum_over_processes(masked_mean((x - mean) ** 2, mask, n_tokens))
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -91,17 +96,18 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def ppo_losses(logprobs: torch.Tensor, values: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-               returns: torch.Tensor, mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                    dict[str, float]]:
-    """(policy loss, value loss, stats): the clipped surrogate with a token-level ratio, and 0.5 * MSE."""
+               returns: torch.Tensor, mask: torch.Tensor, cliprange: float, n_tokens: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """(policy loss, value loss, stats): the clipped surrogate with a token-level ratio, and 0.5 * MSE; token
+    means, or with `n_tokens` this process's shares of them (`masked_mean`)."""
     ratio = torch.exp((logprobs - old_logprobs) * mask)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.max(unclipped, clipped), mask)
-    vf_loss = 0.5 * masked_mean((values - returns) ** 2, mask)
+    pg_loss = masked_mean(torch.max(unclipped, clipped), mask, n_tokens)
+    vf_loss = 0.5 * masked_mean((values - returns) ** 2, mask, n_tokens)
     stats = {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(),
-             "clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-             "ratio": masked_mean(ratio, mask).item()}
+             "clipfrac": masked_mean((clipped > unclipped).float(), mask, n_tokens).item(),
+             "ratio": masked_mean(ratio, mask, n_tokens).item()}
     return pg_loss, vf_loss, stats
 
 
@@ -123,15 +129,21 @@ ScoreFn = Callable[[Sequence[int], Sequence[str]], Sequence[float]]  # (prompt i
 
 
 def collect(policy, value_head, tokenizer, prompts: Sequence[str], next_prompt: Callable[[], int], score: ScoreFn,
-            cfg: PPOConfig) -> list[rollouts.Rollout]:
+            cfg: PPOConfig, stream: Sequence[int] | None = None) -> list[rollouts.Rollout]:
     """Generate chunk by chunk until `num_rollouts` exist; score them; store old log-probs and values, and the
-    reference log-probs (no reference pass at KL coefficient 0: the penalty is then zero)."""
+    reference log-probs (no reference pass at KL coefficient 0: the penalty is then zero). Under several processes
+    each draws the same prompts and keeps every n-th one, `num_rollouts / n` in all, sampled from its own
+    `stream` key (sampling then draws from (key, chunk)); one process samples from the global torch stream."""
+    acc = training.accelerator()
+    n_proc, rank = acc.num_processes, acc.process_index
     store: list[rollouts.Rollout] = []
     pad = tokenizer.pad_token_id
-    while len(store) < cfg.num_rollouts:
-        idx = [next_prompt() for _ in range(cfg.chunk_size)]
+    while len(store) < cfg.num_rollouts // n_proc:
+        idx = [next_prompt() for _ in range(cfg.chunk_size)][rank::n_proc]
+        own = None if stream is None else int(np.random.SeedSequence([*stream, len(store)]).generate_state(1)[0])
         chunk = [group[0] for group in rollouts.sample(policy, tokenizer, [prompts[i] for i in idx], 1,
-                                                       cfg.max_new_tokens, cfg.temperature, cfg.chunk_size)]
+                                                       cfg.max_new_tokens, cfg.temperature, cfg.chunk_size,
+                                                       generator_seed=own)]
         scores = score(idx, [tokenizer.decode(r.response_ids) for r in chunk])
         batch = rollouts.collate(chunk, pad)
         with torch.no_grad():
@@ -172,6 +184,11 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PP
     the prompt order and the random streams, so a resumed run continues exactly as an uninterrupted one. A
     finished run in `out_dir` is loaded instead of retrained; an unfinished one continues with `resume`."""
     out_dir = Path(out_dir)
+    acc = training.accelerator()
+    n_proc = acc.num_processes
+    if cfg.num_rollouts % n_proc or cfg.chunk_size % n_proc or cfg.batch_size % n_proc:
+        raise ValueError(f"num_rollouts {cfg.num_rollouts}, chunk_size {cfg.chunk_size} and batch_size "
+                         f"{cfg.batch_size} must split over {n_proc} processes")
     torch.manual_seed(seed)  # the value head's initialisation and the rollouts (a resumed run restores the RNG)
     value_head = ValueHead(policy.config.hidden_size).to(next(policy.parameters()).device)
     optimizer, scheduler = training.make_optimizer(
@@ -179,29 +196,33 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PP
     step, history, loop, last_good = training.begin(policy, optimizer, scheduler, out_dir, cfg, resume, desc,
                                                     {"value_head": value_head})
     order = rollouts.PromptOrder(len(prompts), [seed, 31], loop)
+    models = (acc.prepare_model(policy), acc.prepare_model(value_head)) if n_proc > 1 else (policy, value_head)
 
-    if evaluate is not None and step == 0:  # the starting point, for the curves
+    if evaluate is not None and step == 0 and acc.is_main_process:  # the starting point, for the curves
         policy.eval()
         history.append({"step": 0, **evaluate(0)})
-    bar = tqdm(total=cfg.total_steps, initial=step, desc=desc)
+    bar = tqdm(total=cfg.total_steps, initial=step, desc=desc, disable=not acc.is_main_process)
     saved_at = step
     while step < cfg.total_steps:
         policy.eval()
-        store = collect(policy, value_head, tokenizer, prompts, order.next, score, cfg)
-        round_stats = {"mean_score": float(np.mean([r.score for r in store])),
-                       "kl": float(np.mean([(r.extra["logprobs"] - r.extra["ref_logprobs"]).sum().item()
-                                            for r in store])),
-                       "response_tokens": float(np.mean([len(r.response_ids) for r in store]))}
+        stream = None if n_proc == 1 else [seed, step, acc.process_index]
+        store = collect(policy, value_head, tokenizer, prompts, order.next, score, cfg, stream)
+        round_stats = training.mean_over_processes({
+            "mean_score": float(np.mean([r.score for r in store])),
+            "kl": float(np.mean([(r.extra["logprobs"] - r.extra["ref_logprobs"]).sum().item() for r in store])),
+            "response_tokens": float(np.mean([len(r.response_ids) for r in store]))})
         policy.train()
         for _ in range(cfg.ppo_epochs):
             permutation = order.rng.permutation(len(store))
-            for b in range(0, len(store), cfg.batch_size):
-                minibatch = [store[i] for i in permutation[b : b + cfg.batch_size]]
-                stats = ppo_step(policy, value_head, optimizer, tokenizer, minibatch, cfg, step, desc, last_good)
+            share = cfg.batch_size // n_proc
+            for b in range(0, len(store), share):
+                minibatch = [store[i] for i in permutation[b : b + share]]
+                stats = ppo_step(*models, optimizer, tokenizer, minibatch, cfg, step, desc, last_good)
                 scheduler.step()
                 step += 1
                 row = {"step": step, **round_stats, **stats, "lr": scheduler.get_last_lr()[0]}
-                if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.total_steps):
+                if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.total_steps) \
+                        and acc.is_main_process:
                     policy.eval()
                     row.update(evaluate(step))
                     policy.train()
@@ -213,10 +234,11 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PP
             if step >= cfg.total_steps:
                 break
         if step // cfg.checkpoint_every > saved_at // cfg.checkpoint_every or step >= cfg.total_steps:
-            last_good = training.save_checkpoint(policy, optimizer, scheduler, step, history, out_dir,
-                                                 {"value_head": value_head},
-                                                 loop_state=order.state())
-            saved_at = step
+            if acc.is_main_process:
+                training.save_checkpoint(policy, optimizer, scheduler, step, history, out_dir,
+                                         {"value_head": value_head}, loop_state=order.state())
+            acc.wait_for_everyone()
+            last_good, saved_at = training.checkpoint_path(out_dir, step), step
     bar.close()
     policy.eval()
     return value_head, pd.DataFrame(history)
@@ -224,7 +246,9 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PP
 
 def ppo_step(policy, value_head, optimizer, tokenizer, minibatch: Sequence[rollouts.Rollout], cfg: PPOConfig,
              step: int, desc: str, last_good) -> dict[str, float]:
-    """One optimizer step on a minibatch; only the value loss during the first `vf_only_steps`."""
+    """One optimizer step on a minibatch; only the value loss during the first `vf_only_steps`. In a
+    multi-process run `policy` and `value_head` are DDP wrappers and `minibatch` is this process's share: token
+    means and whitening then cover every share, so the step is the one a single process takes on the whole."""
     batch = rollouts.collate(minibatch, tokenizer.pad_token_id)
     mask, width = batch["mask"], batch["mask"].shape[1]
     old_logprobs, ref_logprobs, old_values = (pad_stack([r.extra[k] for r in minibatch], width)
@@ -233,12 +257,18 @@ def ppo_step(policy, value_head, optimizer, tokenizer, minibatch: Sequence[rollo
                                    cfg.init_kl_coef)
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
     advantages = whiten(advantages, mask)
+    vf_only = step < cfg.vf_only_steps
+    if vf_only and isinstance(policy, DDP):  # no policy gradient: DDP must not wait for one
+        policy = policy.module
     logits, hidden = rollouts.response_logits(policy, batch, hidden=True)
     logprobs, values = rollouts.token_logprobs(logits, batch), value_head(hidden).cpu() * mask
-    pg_loss, vf_loss, stats = ppo_losses(logprobs, values, old_logprobs, advantages, returns, mask, cfg.cliprange)
-    loss = cfg.vf_coef * vf_loss if step < cfg.vf_only_steps else pg_loss + cfg.vf_coef * vf_loss
-    training.check_finite(loss, desc, step + 1, last_good)
-    loss.backward()
+    n_tokens = training.sum_over_processes(mask.sum())
+    pg_loss, vf_loss, stats = ppo_losses(logprobs, values, old_logprobs, advantages, returns, mask, cfg.cliprange,
+                                         n_tokens)
+    loss = cfg.vf_coef * vf_loss if vf_only else pg_loss + cfg.vf_coef * vf_loss
+    training.check_finite(training.sum_over_processes(loss.detach()), desc, step + 1, last_good)
+    # each process's loss is its share of the token mean; DDP averages gradients, so scale back to their sum
+    (loss * training.accelerator().num_processes).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return stats
+    return {k: v.item() for k, v in zip(stats, training.sum_over_processes(torch.tensor(list(stats.values()))))}
