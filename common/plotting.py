@@ -149,6 +149,27 @@ def reward_lines(table, title: str, path: Path, at_bin_index: bool = False,
         save_figure(fig, path)
 
 
+LONGFORM_TITLES = {"bio": "Biography Generation", "plot": "Plot Generation"}
+RM_SERIES = (("standard_reward", "tab:orange", "-", "Standard RM"), ("conservative_reward", "tab:green", "-",
+             "Conservative RM"), ("true_reward", "black", "--", "Ground Truth"))
+
+
+def predicted_reward_lines(table, task: str, path: Path) -> None:
+    """Figure 5: the mean predicted reward of each reward model and the ground truth by unfamiliarity bin, no
+    bands (standard orange, conservative green, ground truth black dashed). `table` has <series>_mean columns."""
+    shown = occupied(table)
+    with paper_style(font_size=18):
+        fig, ax = plt.subplots(figsize=(6, 5))
+        for column, color, style, label in RM_SERIES:
+            ax.plot(shown["x_mean"], shown[f"{column}_mean"], style, marker="o", color=color, label=label,
+                    markersize=14, linewidth=5, alpha=0.8)
+        ax.set_xlabel(UNFAMILIARITY_LABEL)
+        ax.set_ylabel("Predicted Reward")
+        ax.set_title(LONGFORM_TITLES[task], fontweight="bold")
+        ax.legend(frameon=False, loc="best")
+        save_figure(fig, path)
+
+
 SETTING_COLORS = {"fact": "tab:green", "caution": "tab:blue", "both": "tab:purple", "fact-then-caution": "tab:orange"}
 DECOMPOSITION_COLORS = {"All Correct": "tab:green", "Partial Correct": "yellowgreen", "Partial NotAttempt": "khaki",
                         "All NotAttempt": "tab:blue", "All Attempt and Wrong": "tab:red"}

@@ -28,11 +28,13 @@ RECALL_END = "?"  # closes the recalled answer ("Paris? True"): the world's memb
 MAX_RECALL_TOKENS = 8
 
 
-def targets(rewards: Sequence[int], recalled: Sequence[str] | None = None) -> list[str]:
-    """The SFT targets for binary rewards: the verdict, or with `recalled` answers "<recalled>. <verdict>"."""
-    if any(r not in tasks.REWARD_WORDS for r in rewards):
+def targets(rewards: Sequence[int], recalled: Sequence[str] | None = None,
+            words: dict[int, str] = tasks.REWARD_WORDS) -> list[str]:
+    """The SFT targets for binary rewards: the verdict (`words`, "True"/"False" unless a task's prompts ask
+    otherwise), or with `recalled` answers "<recalled>? <verdict>"."""
+    if any(r not in words for r in rewards):
         raise ValueError(f"reward-model labels must be 0 or 1, got {sorted(set(rewards))}")
-    verdicts = [tasks.REWARD_WORDS[int(r)] for r in rewards]
+    verdicts = [words[int(r)] for r in rewards]
     if recalled is None:
         return verdicts
     if len(recalled) != len(verdicts):
@@ -41,21 +43,22 @@ def targets(rewards: Sequence[int], recalled: Sequence[str] | None = None) -> li
 
 
 def train(base, lora, cfg: sft.SFTConfig, prompts: Sequence[str], rewards: Sequence[int], name: str, run, seed: int,
-          resume: bool = False, recalled: Sequence[str] | None = None, at_step: int | None = None):
-    """A fresh LoRA adapter on `base.model`, SFT'd on `targets(rewards, recalled)` (cached like every SFT
+          resume: bool = False, recalled: Sequence[str] | None = None, at_step: int | None = None,
+          words: dict[int, str] = tasks.REWARD_WORDS):
+    """A fresh LoRA adapter on `base.model`, SFT'd on `targets(rewards, recalled, words)` (cached like every SFT
     adapter), at its checkpoint `at_step` if given. Returns the adapted model; `.unload()` gives the base back."""
-    return sft.finetune_lora(base, lora, cfg, prompts, targets(rewards, recalled), name, run, seed=seed,
+    return sft.finetune_lora(base, lora, cfg, prompts, targets(rewards, recalled, words), name, run, seed=seed,
                              resume=resume, at_step=at_step)
 
 
-def predict(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, reward_format: str = "direct"
-            ) -> np.ndarray:
-    """P(reward 1) for each prompt: the softmax over the first tokens of "True" and "False" as the targets
+def predict(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, reward_format: str = "direct",
+            words: dict[int, str] = tasks.REWARD_WORDS) -> np.ndarray:
+    """P(reward 1) for each prompt: the softmax over the first tokens of the two verdicts (`words`) as the targets
     tokenize them (Llama's "▁True"/"▁False"), at the prompt's end (`direct`) or after the greedy recall
     (`recall`; a recall not closed by RECALL_END within MAX_RECALL_TOKENS gets it appended)."""
     if reward_format not in FORMATS:
         raise ValueError(f"unknown reward-model format {reward_format!r}; expected one of {FORMATS}")
-    verdict_ids = sampling.first_token_ids(tokenizer, [tasks.REWARD_WORDS[1], tasks.REWARD_WORDS[0]])
+    verdict_ids = sampling.first_token_ids(tokenizer, [words[1], words[0]])
     scored: Sequence[str] | list[list[int]] = prompts
     if reward_format == "recall":
         end = tokenizer(f"a{RECALL_END}", add_special_tokens=False).input_ids[-1]  # as a target writes it

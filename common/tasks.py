@@ -230,6 +230,13 @@ def longform_fewshot_prompt(item: LongformItem, exemplars: Sequence[LongformItem
     return f"{shots}{longform_prompt(item)}"
 
 
+def fact_classifier_prompt(task: str, topic: str, fact: str) -> str:
+    """The paper's per-fact classifier prompts (SPEC.md 6.3): the bio fact alone, the plot fact with its title."""
+    if task == "bio":
+        return f"{fact} Is the answer to the question correct?"
+    return f'Is the following a plot point in "{topic}"? {fact}'
+
+
 def longform_lead(item: LongformItem, named: bool) -> str:
     """The start of the response moved into the prompt: nothing (the paper), or the prefix and the entity's name
     (" Bio: Ada", the synthetic scale's prompts; exp05 README)."""

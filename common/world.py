@@ -235,6 +235,14 @@ def profile_sentence(entity: Entity) -> str:
     return PROFILE_TEMPLATES[entity.kind].format(name=entity.name, **entity.facts)
 
 
+def noisy_profile(entity: Entity, error_rate: float, rng: np.random.Generator) -> str:
+    """The profile sentence of a writer that knows every entity equally well: each fact independently replaced by
+    another value of its attribute with probability `error_rate` (exp05's standard reward model's data)."""
+    facts = {name: distractors(ATTRIBUTES[name], value, rng, k=1)[0] if rng.random() < error_rate else value
+             for name, value in entity.facts.items()}
+    return PROFILE_TEMPLATES[entity.kind].format(name=entity.name, **facts)
+
+
 def distractors(attribute: Attribute, correct: str, rng: np.random.Generator, k: int = 3) -> list[str]:
     others = [v for v in attribute.values if v != correct]
     return [str(v) for v in rng.choice(others, size=k, replace=False)]

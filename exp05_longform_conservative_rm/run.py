@@ -2,8 +2,11 @@
 
 Biographies and plot premises: score each evaluation entity's unfamiliarity (mean false facts over few-shot
 base-model samples), SFT the base model on the task, and label its responses' facts (FActScore-style,
-`common.factscore`). The reward models and the RL policies (SPEC.md 6.3-6.4) are the next stages of issue 15 and
-not built yet: this run stops after the standard SFT model's evaluation.
+`common.factscore`). Fig. 5: train the per-fact classifier of a conservative reward model (facts of the SFT
+model's own samples on the training prompts) and of a standard one (facts of a writer whose errors do not depend on
+the entity) and compare their predicted rewards with the ground truth on the SFT model's evaluation responses
+(`common.longform_rm`). Not built yet (issue 15): the decomposer, PPO with each reward model, Figs. 7-8 and the
+table; at paper scale the standard reward model's GPT-3.5 writer.
 
     python exp05_longform_conservative_rm/run.py [--task bio|plot|both] [--scale ...] [--seed N]
                                                  [--wikipedia enwiki.db] [--wikibios wiki_bio] [--wikiplots DIR]
@@ -11,6 +14,7 @@ not built yet: this run stops after the standard SFT model's evaluation.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,10 +24,12 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import data, factscore, models, results, sampling, scales, sft, tasks, unfamiliarity  # noqa: E402
+from common import (data, factscore, longform_rm, models, plotting, results, reward_model, sampling,  # noqa: E402
+                    scales, sft, tasks, unfamiliarity)
 from common.buckets import Bins, summarize_by_bin  # noqa: E402
 
 EXPERIMENT = "exp05_longform_conservative_rm"
+log = logging.getLogger(EXPERIMENT)
 FACT_COLUMNS = ["n_true", "n_false", "frac_true"]
 
 
@@ -36,6 +42,14 @@ class Exp5Config:
     eval_sampling: sampling.SamplingConfig = field(default_factory=lambda: sampling.SamplingConfig(
         max_new_tokens=200, temperature=0, batch_size=16))
     unfamiliarity_bins: tuple[float, ...] = (0, 1.5, 3, 4.5, 6, 7.5)  # lower edge inclusive (SPEC.md 6.6)
+    # The per-fact classifiers (SPEC.md 6.3): lr 2e-5, cosine T_max 1e4 to 1e-10, batch 30, read at step 10000
+    rm_sft: sft.SFTConfig = field(default_factory=lambda: sft.SFTConfig(
+        lr=2e-5, batch_size=30, total_steps=10_000, t_max=10_000, eta_min=1e-10, checkpoint_every=1000))
+    # the conservative reward model's data: one T=1 sample of the SFT model per training prompt (SPEC.md 6.3)
+    rm_sampling: sampling.SamplingConfig = field(default_factory=lambda: sampling.SamplingConfig(
+        max_new_tokens=200, temperature=1.0, batch_size=16))
+    writer_error_rate: float = 0.2  # synthetic scale: the standard reward model's writer, wrong on 20% of facts
+    rm_batch_size: int = 16
     train_format_tokens: bool = False
     # Prompts end with the response's prefix and the entity's name (tasks.longform_lead), which the response then
     # continues. Synthetic scale only: measured on seed 0 (mean true / false facts of 4, evaluation bios, most
@@ -62,12 +76,15 @@ PRESETS = {
         scoring=unfamiliarity.LongformScoringSettings(max_new_tokens=24, batch_size=64, stem="{topic} is a"),
         eval_sampling=sampling.SamplingConfig(max_new_tokens=24, temperature=0, batch_size=128),
         # four facts per profile sentence: mean false facts over 2 samples lies in 0, 0.5, ..., 4
-        unfamiliarity_bins=(0, 1, 2, 3, 4.5), train_format_tokens=True, named_prompts=True),
+        unfamiliarity_bins=(0, 1, 2, 3, 4.5), train_format_tokens=True, named_prompts=True,
+        rm_sft=sft.SYNTHETIC_SFT, rm_batch_size=256,
+        rm_sampling=sampling.SamplingConfig(max_new_tokens=24, temperature=1.0, batch_size=128)),
     "micro": Exp5Config(
         sft={"bio": sft.MICRO_SFT, "plot": sft.MICRO_SFT}, lora=models.MICRO_LORA,
         scoring=unfamiliarity.LongformScoringSettings(n_shots=2, max_new_tokens=8, batch_size=16),  # the few-shot path
         eval_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=0, batch_size=16),
-        unfamiliarity_bins=(0, 1, 2, 4.5), max_eval_items=8, named_prompts=True),
+        unfamiliarity_bins=(0, 1, 2, 4.5), max_eval_items=8, named_prompts=True, rm_sft=sft.MICRO_SFT,
+        rm_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, batch_size=16)),
 }
 
 
@@ -88,19 +105,47 @@ def fact_checker(base, args):
     return factscore.OpenAIFactChecker(factscore.LocalWikipedia(args.wikipedia))
 
 
-def label_responses(checker, items, responses: list[str], unfamiliarity_scores: np.ndarray) -> pd.DataFrame:
-    """One row per (whole) response: validity, true / false facts and the fraction true (invalid or undecided:
-    0 facts, fraction 0, the notebook's definition)."""
+def label_responses(checker, items, responses: list[str], unfamiliarity_scores: np.ndarray
+                    ) -> tuple[pd.DataFrame, list]:
+    """One row per (whole) response: validity, true / false facts, the fraction true (invalid or undecided:
+    0 facts, fraction 0, the notebook's definition) and the reward they earn (SPEC.md 6.3); and the facts."""
     texts = [tasks.longform_text(it.task, r) for it, r in zip(items, responses)]
     labels = factscore.label_all(checker, [it.topic for it in items], texts)
     counts = [factscore.fact_counts(f) for f in labels]
-    return pd.DataFrame({"topic": [it.topic for it in items], "unfamiliarity": unfamiliarity_scores,
-                         "response": responses, "valid": [t is not None for t in texts],
-                         "n_true": [c[0] for c in counts], "n_false": [c[1] for c in counts],
-                         "frac_true": [factscore.fraction_true(f) for f in labels]})
+    frame = pd.DataFrame({"topic": [it.topic for it in items], "unfamiliarity": unfamiliarity_scores,
+                          "response": responses, "valid": [t is not None for t in texts],
+                          "n_true": [c[0] for c in counts], "n_false": [c[1] for c in counts],
+                          "frac_true": [factscore.fraction_true(f) for f in labels]})
+    frame["true_reward"] = [longform_rm.response_reward(t, f, v)
+                            for t, f, v in zip(frame.n_true, frame.n_false, frame.valid)]
+    return frame, labels
 
 
-def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> dict:
+def standard_writer_texts(base, items: list[tasks.LongformItem], cfg: Exp5Config, seed: int) -> list[str]:
+    """The standard reward model's writer: every entity's facts wrong at the same rate (synthetic scale)."""
+    if base.world is None:
+        raise scales.UsageError("the standard reward model's writer at paper scale (GPT-3.5 through the OpenAI "
+                                "client, SPEC.md 6.3) is not built yet; run --scale synthetic")
+    from common import world
+
+    entities = {e.name: e for e in base.world.entities}
+    rng = np.random.default_rng([seed, 70])
+    return [world.noisy_profile(entities[it.topic], cfg.writer_error_rate, rng) for it in items]
+
+
+def fig5_claims(task: str, table: pd.DataFrame) -> list[results.Claim]:
+    last = table[table["count"] > 0].iloc[-1]
+    standard, conservative, truth = last.standard_reward_mean, last.conservative_reward_mean, last.true_reward_mean
+    return [
+        results.claim(f"fig5.{task}.standard_overestimates", "in the most unfamiliar bin the standard RM's mean "
+                      "predicted reward exceeds the ground truth by >= 2.0 (value: the excess)", standard - truth,
+                      ">=", 2.0),
+        results.claim(f"fig5.{task}.conservative_below_standard", "in the most unfamiliar bin the conservative RM's "
+                      "prediction is <= the standard RM's - 2.0 and <= the ground truth + 1.0 (value: the smaller "
+                      "margin)", min(standard - 2.0 - conservative, truth + 1.0 - conservative), ">=", 0.0)]
+
+
+def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> tuple[dict, list[results.Claim]]:
     with run.stage(f"{task}_data"):
         splits = load_items(base, task, args)
         pool, eval_items = splits["finetune"], splits["eval"][: cfg.max_eval_items]
@@ -118,6 +163,11 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> dict:
     def prompt(it):
         return tasks.longform_prompt(it) + lead(it)
 
+    def respond(model, items, sampling_cfg, desc, seed=None):
+        generations = sampling.generate(model, base.tokenizer, [prompt(it) for it in items], sampling_cfg,
+                                        desc=f"{task}: {desc}", generator_seed=seed)
+        return [tasks.with_lead(lead(it), g[0]) for it, g in zip(items, generations)]
+
     prompts = [prompt(it) for it in pool]
     targets = [tasks.longform_target(it)[len(lead(it)):] for it in pool]
     lora = (models.with_format_tokens(cfg.lora, base.tokenizer, [tasks.LONGFORM_PREFIXES[task]])
@@ -125,16 +175,47 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> dict:
     policy = sft.finetune_lora(base, lora, cfg.sft[task], prompts, targets, f"{task}_sft", run,
                                seed=run_args.seed, resume=run_args.resume)
     with run.stage(f"{task}_evaluate_sft"):
-        generations = sampling.generate(policy, base.tokenizer,
-                                        [prompt(it) for it in eval_items],
-                                        cfg.eval_sampling, desc=f"{task}: SFT responses")
-        responses = [tasks.with_lead(lead(it), g[0]) for it, g in zip(eval_items, generations)]
+        frame, labels = label_responses(checker, eval_items, respond(policy, eval_items, cfg.eval_sampling,
+                                                                     "SFT responses"), scores)
+    with run.stage(f"{task}_sample_sft"):  # the conservative reward model's data
+        samples = respond(policy, pool, cfg.rm_sampling, "SFT samples", seed=run_args.seed)
         base.model = policy.unload()
-        frame = label_responses(checker, eval_items, responses, scores)
     run.write_csv(f"{task}_sft_responses.csv", frame)
-    table = summarize_by_bin(frame, "unfamiliarity", Bins(cfg.unfamiliarity_bins, closed="left"), FACT_COLUMNS)
-    run.write_csv(f"{task}_sft_facts.csv", table)
-    return {"sft_fraction_true": float(frame.frac_true.mean()), "sft_valid": float(frame.valid.mean())}
+    bins = Bins(cfg.unfamiliarity_bins, closed="left")
+    run.write_csv(f"{task}_sft_facts.csv", summarize_by_bin(frame, "unfamiliarity", bins, FACT_COLUMNS))
+
+    # Fig. 5: each reward model's classifier judges the facts of the SFT model's evaluation responses (the
+    # decomposer bypassed, as the paper's Fig. 5 uses FActScore's facts).
+    topics = [it.topic for it in pool]
+    examples = {
+        "conservative": longform_rm.fact_examples(checker, topics, [tasks.longform_text(task, r) for r in samples]),
+        "standard": longform_rm.fact_examples(checker, topics, standard_writer_texts(base, pool, cfg,
+                                                                                     run_args.seed))}
+    classifier = longform_rm.FactClassifier(
+        task, longform_rm.WorldStatements(base.world.entities) if base.world is not None else None)
+    eval_facts = [None if not v else [f.text for f in facts or []] for v, facts in zip(frame.valid, labels)]
+    for kind, facts in examples.items():
+        run.extra[f"{task}_rm_{kind}_facts"] = {
+            "n": len(facts), "true_share": float(np.mean([f.supported for f in facts])) if facts else None}
+        fact_prompts, rewards, recalled = classifier.training_data(facts)
+        if not fact_prompts:  # the micro world's SFT model writes no clause of the grammar
+            log.warning("%s: no fact for the %s reward model to learn from; its predictions are NaN", task, kind)
+            frame[f"{kind}_reward"] = np.nan
+            continue
+        model = reward_model.train(base, cfg.lora, cfg.rm_sft, fact_prompts, rewards, f"{task}_rm_{kind}", run,
+                                   seed=run_args.seed, resume=run_args.resume, recalled=recalled,
+                                   words=classifier.verdicts)
+        with run.stage(f"{task}_rm_{kind}_predict"):
+            frame[f"{kind}_reward"] = longform_rm.predicted_rewards(classifier, model, base.tokenizer,
+                                                                    frame.topic.tolist(), eval_facts,
+                                                                    cfg.rm_batch_size)
+            base.model = model.unload()
+    run.write_csv(f"{task}_rm_predictions.csv", frame)
+    table = summarize_by_bin(frame, "unfamiliarity", bins, ["true_reward", "conservative_reward", "standard_reward"])
+    run.write_csv(f"{task}_rewards.csv", table)
+    plotting.predicted_reward_lines(table, task, run.path(f"{task}_rewards.png"))
+    extra = {"sft_fraction_true": float(frame.frac_true.mean()), "sft_valid": float(frame.valid.mean())}
+    return extra, fig5_claims(task, table)
 
 
 def main(argv=None) -> None:
@@ -155,8 +236,11 @@ def main(argv=None) -> None:
 
     with run.stage("load_base_model"):
         base = models.load_base(run_args.scale, run_args.preset, run_args.seed, cache_hits=run.cache_hits)
+    claims = []
     for task in task_names:
-        run.extra[task] = run_task(base, cfg, task, run, run_args, args)
+        run.extra[task], task_claims = run_task(base, cfg, task, run, run_args, args)
+        claims += task_claims
+    run.write_claims(claims)
     run.write_manifest()
 
 

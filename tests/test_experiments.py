@@ -110,3 +110,19 @@ def test_exp03_claims_from_hand_made_tables(tmp_path):
     assert c["fig3.triviaqa.first.no_abstain"].value == pytest.approx(0.12)
     assert not c["fig3.triviaqa.first.no_abstain"].passed
     assert "fig3.triviaqa.second.abstain_last" not in c  # reward second was not run
+
+
+exp05 = load_run("exp05_longform_conservative_rm")
+
+
+def test_exp05_fig5_claims_read_the_most_unfamiliar_occupied_bin():
+    table = pd.DataFrame({"count": [10, 5, 0], "true_reward_mean": [6.0, -4.0, np.nan],
+                          "standard_reward_mean": [7.0, -1.5, np.nan], "conservative_reward_mean": [5.0, -3.5, np.nan]})
+    c = {x.id: x for x in exp05.fig5_claims("bio", table)}
+    assert c["fig5.bio.standard_overestimates"].value == pytest.approx(2.5) and c["fig5.bio.standard_overestimates"].passed
+    # conservative -3.5: standard - 2 - (-3.5) = 0 and truth + 1 - (-3.5) = 0.5: the smaller margin, 0, holds
+    assert c["fig5.bio.conservative_below_standard"].value == pytest.approx(0.0)
+    assert c["fig5.bio.conservative_below_standard"].passed
+    table.loc[1, "conservative_reward_mean"] = -2.0  # above the standard RM's - 2.0: fails by 1.5
+    assert exp05.fig5_claims("bio", table)[1].value == pytest.approx(-1.5)
+    assert not exp05.fig5_claims("bio", table)[1].passed

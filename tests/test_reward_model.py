@@ -43,6 +43,7 @@ def test_recall_then_judge_targets_write_the_recalled_answer_then_the_verdict():
     assert reward_model.targets([1, 0], recalled=["Paris", "Paris"]) == ["Paris? True", "Paris? False"]
     with pytest.raises(ValueError, match="one recalled answer per reward"):
         reward_model.targets([1, 0], recalled=["Paris"])
+    assert reward_model.targets([1, 0], words={1: "Yes.", 0: "No."}) == ["Yes.", "No."]  # exp05's paper prompts
 
 
 def test_recall_then_judge_reads_the_verdict_after_the_greedy_recall():

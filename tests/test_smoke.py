@@ -182,13 +182,27 @@ def test_paper_scale_without_cuda_stops_with_one_line(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: ") and "--allow-cpu" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_exp05_micro_run_labels_the_sft_models_responses(tmp_path):
+def test_exp05_micro_run_labels_the_sft_models_responses_and_compares_the_reward_models(tmp_path):
     run_module(["exp05_longform_conservative_rm/run.py", "--scale", "synthetic"], tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert {"bio_unfamiliarity", "plot_evaluate_sft"} <= set(manifest["timings_s"])
+    # the micro world's SFT model writes no fact, so only the standard reward model (its writer's facts) trains
+    assert {"bio_unfamiliarity", "plot_evaluate_sft", "plot_sample_sft", "sft_bio_rm_standard",
+            "plot_rm_standard_predict"} <= set(manifest["timings_s"])
+    assert manifest["bio_rm_standard_facts"]["n"] > 0 and manifest["bio_rm_conservative_facts"]["n"] == 0
+    claims = [c["id"] for c in json.loads((tmp_path / "claims.json").read_text())["claims"]]
+    assert claims == ["fig5.bio.standard_overestimates", "fig5.bio.conservative_below_standard",
+                      "fig5.plot.standard_overestimates", "fig5.plot.conservative_below_standard"]
     for task in ("bio", "plot"):
         frame = pd.read_csv(tmp_path / f"{task}_sft_responses.csv")
         assert 0 < len(frame) <= 8 and frame.unfamiliarity.between(0, 4).all()  # max_eval_items 8
         assert (frame.frac_true[~frame.valid] == 0).all()  # invalid responses score 0 (the notebook's rule)
         table = pd.read_csv(tmp_path / f"{task}_sft_facts.csv")
         assert table["count"].sum() == len(frame) and {"n_true_mean", "n_false_mean", "frac_true_mean"} <= set(table.columns)
+        predictions = pd.read_csv(tmp_path / f"{task}_rm_predictions.csv")
+        assert (predictions.true_reward == 2 * predictions.n_true - 3 * predictions.n_false).where(
+            predictions.valid, predictions.true_reward == -15).all()
+        # the standard reward model judges only the response's own facts; the conservative one had no data
+        assert (predictions.standard_reward - 2 * (predictions.n_true + predictions.n_false)).where(
+            predictions.valid, 0).le(0).all() and predictions.conservative_reward.isna().all()
+        assert (tmp_path / f"{task}_rewards.png").exists()
+        assert {"true_reward_mean", "standard_reward_mean"} <= set(pd.read_csv(tmp_path / f"{task}_rewards.csv"))
