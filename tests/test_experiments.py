@@ -119,7 +119,8 @@ def test_exp05_fig5_claims_read_the_most_unfamiliar_occupied_bin():
     table = pd.DataFrame({"count": [10, 5, 0], "true_reward_mean": [6.0, -4.0, np.nan],
                           "standard_reward_mean": [7.0, -1.5, np.nan], "conservative_reward_mean": [5.0, -3.5, np.nan]})
     c = {x.id: x for x in exp05.fig5_claims("bio", table)}
-    assert c["fig5.bio.standard_overestimates"].value == pytest.approx(2.5) and c["fig5.bio.standard_overestimates"].passed
+    overestimate = c["fig5.bio.standard_overestimates"]
+    assert overestimate.value == pytest.approx(2.5) and overestimate.passed
     # conservative -3.5: standard - 2 - (-3.5) = 0 and truth + 1 - (-3.5) = 0.5: the smaller margin, 0, holds
     assert c["fig5.bio.conservative_below_standard"].value == pytest.approx(0.0)
     assert c["fig5.bio.conservative_below_standard"].passed
