@@ -49,6 +49,12 @@ class Exp5Config:
     rm_sampling: sampling.SamplingConfig = field(default_factory=lambda: sampling.SamplingConfig(
         max_new_tokens=200, temperature=1.0, batch_size=16))
     writer_error_rate: float = 0.2  # synthetic scale: the standard reward model's writer, wrong on 20% of facts
+    # Share of the finetuning entities held out of SFT whose prompts give the reward models' data (the paper: 0, the
+    # same prompts; its SFT sees each of 104,539 bios at most once before the RL start). Synthetic scale: 3,000 SFT
+    # steps of 16 over ~380 bios memorise every target, so the SFT model's samples on its own training prompts are
+    # right about unfamiliar entities too (seed 0: 93% of the plot samples' facts true; in the most unfamiliar
+    # bin the conservative RM then predicted +5.8 where the truth was -12.0).
+    rm_prompt_fraction: float = 0.0
     rm_batch_size: int = 16
     train_format_tokens: bool = False
     # Prompts end with the response's prefix and the entity's name (tasks.longform_lead), which the response then
@@ -77,13 +83,15 @@ PRESETS = {
         eval_sampling=sampling.SamplingConfig(max_new_tokens=24, temperature=0, batch_size=128),
         # four facts per profile sentence: mean false facts over 2 samples lies in 0, 0.5, ..., 4
         unfamiliarity_bins=(0, 1, 2, 3, 4.5), train_format_tokens=True, named_prompts=True,
-        rm_sft=sft.SYNTHETIC_SFT, rm_batch_size=256,
-        rm_sampling=sampling.SamplingConfig(max_new_tokens=24, temperature=1.0, batch_size=128)),
+        rm_sft=sft.SYNTHETIC_SFT, rm_batch_size=256, rm_prompt_fraction=0.5,
+        # 4 samples per prompt (the paper: 1), so ~190 held-out entities give as many facts as the writer's 4 each
+        rm_sampling=sampling.SamplingConfig(max_new_tokens=24, temperature=1.0, num_samples=4, batch_size=128)),
     "micro": Exp5Config(
         sft={"bio": sft.MICRO_SFT, "plot": sft.MICRO_SFT}, lora=models.MICRO_LORA,
         scoring=unfamiliarity.LongformScoringSettings(n_shots=2, max_new_tokens=8, batch_size=16),  # the few-shot path
         eval_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=0, batch_size=16),
         unfamiliarity_bins=(0, 1, 2, 4.5), max_eval_items=8, named_prompts=True, rm_sft=sft.MICRO_SFT,
+        rm_prompt_fraction=0.5,
         rm_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, batch_size=16)),
 }
 
@@ -122,7 +130,8 @@ def label_responses(checker, items, responses: list[str], unfamiliarity_scores: 
 
 
 def standard_writer_texts(base, items: list[tasks.LongformItem], cfg: Exp5Config, seed: int) -> list[str]:
-    """The standard reward model's writer: every entity's facts wrong at the same rate (synthetic scale)."""
+    """The standard reward model's writer, one text per item: every entity's facts wrong at the same rate
+    (synthetic scale)."""
     if base.world is None:
         raise scales.UsageError("the standard reward model's writer at paper scale (GPT-3.5 through the OpenAI "
                                 "client, SPEC.md 6.3) is not built yet; run --scale synthetic")
@@ -164,21 +173,26 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> tuple[dic
         return tasks.longform_prompt(it) + lead(it)
 
     def respond(model, items, sampling_cfg, desc, seed=None):
+        """Each item's responses (`sampling_cfg.num_samples`), the lead put back."""
         generations = sampling.generate(model, base.tokenizer, [prompt(it) for it in items], sampling_cfg,
                                         desc=f"{task}: {desc}", generator_seed=seed)
-        return [tasks.with_lead(lead(it), g[0]) for it, g in zip(items, generations)]
+        return [[tasks.with_lead(lead(it), x) for x in g] for it, g in zip(items, generations)]
 
-    prompts = [prompt(it) for it in pool]
-    targets = [tasks.longform_target(it)[len(lead(it)):] for it in pool]
+    held_out = np.random.default_rng([run_args.seed, 71]).random(len(pool)) < cfg.rm_prompt_fraction
+    sft_items = [it for it, h in zip(pool, held_out) if not h]
+    rm_items = [it for it, h in zip(pool, held_out) if h] or pool  # the reward models' prompts
+    run.extra[f"{task}_split"] |= {"sft": len(sft_items), "reward_model_prompts": len(rm_items)}
+    prompts = [prompt(it) for it in sft_items]
+    targets = [tasks.longform_target(it)[len(lead(it)):] for it in sft_items]
     lora = (models.with_format_tokens(cfg.lora, base.tokenizer, [tasks.LONGFORM_PREFIXES[task]])
             if cfg.train_format_tokens else cfg.lora)
     policy = sft.finetune_lora(base, lora, cfg.sft[task], prompts, targets, f"{task}_sft", run,
                                seed=run_args.seed, resume=run_args.resume)
     with run.stage(f"{task}_evaluate_sft"):
-        frame, labels = label_responses(checker, eval_items, respond(policy, eval_items, cfg.eval_sampling,
-                                                                     "SFT responses"), scores)
+        responses = [r[0] for r in respond(policy, eval_items, cfg.eval_sampling, "SFT responses")]
+        frame, labels = label_responses(checker, eval_items, responses, scores)
     with run.stage(f"{task}_sample_sft"):  # the conservative reward model's data
-        samples = respond(policy, pool, cfg.rm_sampling, "SFT samples", seed=run_args.seed)
+        samples = respond(policy, rm_items, cfg.rm_sampling, "SFT samples", seed=run_args.seed)
         base.model = policy.unload()
     run.write_csv(f"{task}_sft_responses.csv", frame)
     bins = Bins(cfg.unfamiliarity_bins, closed="left")
@@ -186,11 +200,13 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> tuple[dic
 
     # Fig. 5: each reward model's classifier judges the facts of the SFT model's evaluation responses (the
     # decomposer bypassed, as the paper's Fig. 5 uses FActScore's facts).
-    topics = [it.topic for it in pool]
-    examples = {
-        "conservative": longform_rm.fact_examples(checker, topics, [tasks.longform_text(task, r) for r in samples]),
-        "standard": longform_rm.fact_examples(checker, topics, standard_writer_texts(base, pool, cfg,
-                                                                                     run_args.seed))}
+    per_item = cfg.rm_sampling.num_samples  # the writer writes as many texts per prompt as the SFT model samples
+    topics = [it.topic for it in rm_items for _ in range(per_item)]
+    sampled = [tasks.longform_text(task, r) for rs in samples for r in rs]
+    examples = {"conservative": longform_rm.fact_examples(checker, topics, sampled),
+                "standard": longform_rm.fact_examples(checker, topics, standard_writer_texts(
+                    base, [it for it in rm_items for _ in range(per_item)], cfg, run_args.seed))}
+    run.extra[f"{task}_rm_sample_valid"] = float(np.mean([t is not None for t in sampled]))
     classifier = longform_rm.FactClassifier(
         task, longform_rm.WorldStatements(base.world.entities) if base.world is not None else None)
     eval_facts = [None if not v else [f.text for f in facts or []] for v, facts in zip(frame.valid, labels)]
