@@ -69,12 +69,11 @@ def main(argv=None) -> None:
     sampling.StopOnStrings = token_ids
     if ours != theirs:
         raise SystemExit("error: the two stop checks returned different samples")
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
-              "model": base.key, "token-ids": new, "decode-all": old,
+    where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    report = {"device": where, "model": base.key, "token-ids": new, "decode-all": old,
               "speedup": round(old["seconds"] / new["seconds"], 2), "config": vars(args)}
-    out = ROOT / "results" / "benchmarks" / "sampling_throughput.json"
-    results.atomic_write(out, json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    results.write_json(ROOT / "results" / "benchmarks" / "sampling_throughput.json", report)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
