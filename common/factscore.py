@@ -99,6 +99,10 @@ class WorldFactChecker:
         self.attributes = world.ATTRIBUTES
         self.patterns = {kind: clause_patterns(t) for kind, t in world.PROFILE_TEMPLATES.items()}
         self.key = cache.config_hash("world-grammar", world.PROFILE_TEMPLATES, entities)
+        # the facts `label` writes, read back: "{e} was born in {v}." with one word each
+        self.statement_patterns = [(a, re.compile(re.escape(a.statements[0]).replace(r"\{e\}", r"(?P<e>\S+)")
+                                                  .replace(r"\{v\}", r"(?P<v>\S+)") + "$"))
+                                   for a in self.attributes.values()]
 
     def label(self, topic: str, text: str) -> list[Fact] | None:
         entity = self.entities.get(topic)
@@ -111,6 +115,16 @@ class WorldFactChecker:
                 statement = self.attributes[name].statements[0].format(e=topic, v=value)
                 found.append((match.start(1), Fact(statement, value == entity.facts[name])))
         return [fact for _, fact in sorted(found, key=lambda pair: pair[0])]
+
+    def read_statement(self, fact: str) -> tuple[str, str, str] | None:
+        """A fact as `label` writes it, read back into (question, candidate answer, the knowledge base's answer);
+        None for anything else."""
+        for attribute, pattern in self.statement_patterns:
+            match = pattern.match(fact.strip())
+            entity = self.entities.get(match["e"]) if match else None
+            if entity is not None and attribute.name in entity.facts:
+                return attribute.question.format(e=entity.name), match["v"], entity.facts[attribute.name]
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ entity (the standard reward model; `World.noisy_profile` at synthetic scale).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -46,66 +45,44 @@ def fact_examples(checker: factscore.FactChecker, topics: Sequence[str], texts: 
     return [FactExample(t, f.text, f.supported) for t, facts in zip(topics, labels) for f in facts or []]
 
 
-class WorldStatements:
-    """Reads a synthetic fact back into (question, candidate answer, the knowledge base's answer)."""
-
-    def __init__(self, entities):
-        from common import world
-
-        self.entities = {e.name: e for e in entities}
-        self.readers = [(a, re.compile(re.escape(a.statements[0]).replace(r"\{e\}", r"(?P<e>\S+)")
-                                       .replace(r"\{v\}", r"(?P<v>\S+)") + "$"))
-                        for a in world.ATTRIBUTES.values()]
-
-    def read(self, fact: str) -> tuple[str, str, str] | None:
-        for attribute, pattern in self.readers:
-            match = pattern.match(fact.strip())
-            entity = self.entities.get(match["e"]) if match else None
-            if entity is not None and attribute.name in entity.facts:
-                return attribute.question.format(e=entity.name), match["v"], entity.facts[attribute.name]
-        return None
-
-
 class FactClassifier:
-    """Prompts, targets and judgements of the per-fact classifier at one scale (module docstring)."""
+    """Prompts, targets and judgements of the per-fact classifier at one scale (module docstring): the paper's
+    without a `world` checker, recall-then-judge on the statements a `factscore.WorldFactChecker` writes with one."""
 
-    def __init__(self, task: str, statements: WorldStatements | None = None):
-        self.task, self.statements = task, statements
+    def __init__(self, task: str, world: factscore.WorldFactChecker | None = None):
+        self.task, self.world = task, world
 
     @property
     def reward_format(self) -> str:
-        return "direct" if self.statements is None else "recall"
+        return "direct" if self.world is None else "recall"
 
     @property
     def verdicts(self) -> dict[int, str]:
-        return PAPER_VERDICTS if self.statements is None else tasks.REWARD_WORDS
+        return PAPER_VERDICTS if self.world is None else tasks.REWARD_WORDS
 
-    def prompt(self, topic: str, fact: str) -> str | None:
-        """The classifier's prompt for one fact, or None where the synthetic world cannot read it."""
-        if self.statements is None:
-            return tasks.fact_classifier_prompt(self.task, topic, fact)
-        read = self.statements.read(fact)
-        return None if read is None else tasks.triviaqa_rm_prompt(read[0], read[1], normalize=False)
+    def query(self, topic: str, fact: str) -> tuple[str, str | None] | None:
+        """(the classifier's prompt for one fact, the answer a recall-then-judge target recalls or None), or None
+        where the synthetic world cannot read the fact."""
+        if self.world is None:
+            return tasks.fact_classifier_prompt(self.task, topic, fact), None
+        read = self.world.read_statement(fact)
+        return None if read is None else (tasks.triviaqa_rm_prompt(read[0], read[1], normalize=False), read[2])
 
     def training_data(self, examples: Sequence[FactExample]) -> tuple[list[str], list[int], list[str] | None]:
         """(prompts, rewards, recalled answers or None) for the facts the classifier can read."""
-        prompts, rewards, recalled = [], [], []
-        for ex in examples:
-            prompt = self.prompt(ex.topic, ex.fact)
-            if prompt is not None:
-                prompts.append(prompt)
-                rewards.append(int(ex.supported))
-                recalled.append(self.statements.read(ex.fact)[2] if self.statements is not None else "")
-        return prompts, rewards, recalled if self.statements is not None else None
+        readable = [(q, int(ex.supported)) for ex in examples if (q := self.query(ex.topic, ex.fact)) is not None]
+        prompts = [prompt for (prompt, _), _ in readable]
+        recalled = [truth for (_, truth), _ in readable] if self.world is not None else None
+        return prompts, [reward for _, reward in readable], recalled
 
     def judge(self, model, tokenizer, topics: Sequence[str], facts: Sequence[str], batch_size: int) -> np.ndarray:
         """Whether each fact is judged true: P(verdict "true") > 0.5, which is the greedy verdict between the
         two; a fact the classifier cannot read is judged false."""
-        prompts = [self.prompt(t, f) for t, f in zip(topics, facts)]
-        readable = [i for i, p in enumerate(prompts) if p is not None]
-        judged = np.zeros(len(prompts), dtype=bool)
+        queries = [self.query(t, f) for t, f in zip(topics, facts)]
+        readable = [i for i, q in enumerate(queries) if q is not None]
+        judged = np.zeros(len(queries), dtype=bool)
         if readable:
-            p_true = reward_model.predict(model, tokenizer, [prompts[i] for i in readable], batch_size,
+            p_true = reward_model.predict(model, tokenizer, [queries[i][0] for i in readable], batch_size,
                                           self.reward_format, self.verdicts)
             judged[readable] = p_true > 0.5
         return judged

@@ -131,10 +131,7 @@ def label_responses(checker, items, responses: list[str], unfamiliarity_scores: 
 
 def standard_writer_texts(base, items: list[tasks.LongformItem], cfg: Exp5Config, seed: int) -> list[str]:
     """The standard reward model's writer, one text per item: every entity's facts wrong at the same rate
-    (synthetic scale)."""
-    if base.world is None:
-        raise scales.UsageError("the standard reward model's writer at paper scale (GPT-3.5 through the OpenAI "
-                                "client, SPEC.md 6.3) is not built yet; run --scale synthetic")
+    (synthetic scale; `main` stops a paper-scale run before it starts)."""
     from common import world
 
     entities = {e.name: e for e in base.world.entities}
@@ -200,15 +197,15 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> tuple[dic
 
     # Fig. 5: each reward model's classifier judges the facts of the SFT model's evaluation responses (the
     # decomposer bypassed, as the paper's Fig. 5 uses FActScore's facts).
-    per_item = cfg.rm_sampling.num_samples  # the writer writes as many texts per prompt as the SFT model samples
-    topics = [it.topic for it in rm_items for _ in range(per_item)]
+    # the writer writes as many texts per prompt as the SFT model samples
+    per_sample = [it for it in rm_items for _ in range(cfg.rm_sampling.num_samples)]
+    topics = [it.topic for it in per_sample]
     sampled = [tasks.longform_text(task, r) for rs in samples for r in rs]
     examples = {"conservative": longform_rm.fact_examples(checker, topics, sampled),
                 "standard": longform_rm.fact_examples(checker, topics, standard_writer_texts(
-                    base, [it for it in rm_items for _ in range(per_item)], cfg, run_args.seed))}
+                    base, per_sample, cfg, run_args.seed))}
     run.extra[f"{task}_rm_sample_valid"] = float(np.mean([t is not None for t in sampled]))
-    classifier = longform_rm.FactClassifier(
-        task, longform_rm.WorldStatements(base.world.entities) if base.world is not None else None)
+    classifier = longform_rm.FactClassifier(task, checker if base.world is not None else None)
     eval_facts = [None if not v else [f.text for f in facts or []] for v, facts in zip(frame.valid, labels)]
     for kind, facts in examples.items():
         run.extra[f"{task}_rm_{kind}_facts"] = {
@@ -245,6 +242,9 @@ def main(argv=None) -> None:
     args, run_args = scales.parse_run_args(EXPERIMENT, parser, argv)
     if run_args.scale == "paper" and args.wikipedia is None:
         raise scales.UsageError("--wikipedia is needed at paper scale: the path of FActScore's enwiki-20230401.db")
+    if run_args.scale == "paper":  # stop before any training, not after the SFT model's GPU hours
+        raise scales.UsageError("the standard reward model's writer at paper scale (GPT-3.5 through the OpenAI "
+                                "client, SPEC.md 6.3) is not built yet; run --scale synthetic")
     cfg = PRESETS[run_args.preset_key]
     task_names = ["bio", "plot"] if args.task == "both" else [args.task]
     run = results.Run(run_args.out, EXPERIMENT, run_args.scale, run_args.preset, run_args.seed,

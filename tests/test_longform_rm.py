@@ -16,20 +16,19 @@ def test_response_reward_is_two_per_true_fact_minus_three_per_false_and_minus_fi
     assert longform_rm.response_reward(4, 0, valid=False) == -15.0
 
 
-def test_world_statements_read_a_fact_back_as_question_candidate_and_truth():
-    statements = longform_rm.WorldStatements([ADA, UXTOV])
-    assert statements.read("Ada was born in Rome.") == ("Where was Ada born?", "Rome", "Lima")
-    assert statements.read("Ada was born in the year 1961.") == ("In which year was Ada born?", "1961", "1950")
-    assert statements.read("The protagonist of Uxtov is Clara.") == ("Who is the protagonist of Uxtov?", "Clara",
-                                                                     "Bruno")
-    assert statements.read("Nobody was born in Rome.") is None  # not an entity of the world
-    assert statements.read("Ada is nice.") is None
-    assert statements.read("Uxtov was born in Rome.") is None  # a film has no birth city
+def test_world_checker_reads_its_facts_back_as_question_candidate_and_truth():
+    read = factscore.WorldFactChecker([ADA, UXTOV]).read_statement
+    assert read("Ada was born in Rome.") == ("Where was Ada born?", "Rome", "Lima")
+    assert read("Ada was born in the year 1961.") == ("In which year was Ada born?", "1961", "1950")
+    assert read("The protagonist of Uxtov is Clara.") == ("Who is the protagonist of Uxtov?", "Clara", "Bruno")
+    assert read("Nobody was born in Rome.") is None  # not an entity of the world
+    assert read("Ada is nice.") is None
+    assert read("Uxtov was born in Rome.") is None  # a film has no birth city
 
 
 def test_classifier_data_recalls_the_truth_and_skips_what_it_cannot_read():
-    classifier = longform_rm.FactClassifier("bio", longform_rm.WorldStatements([ADA]))
     checker = factscore.WorldFactChecker([ADA])
+    classifier = longform_rm.FactClassifier("bio", checker)
     examples = longform_rm.fact_examples(checker, ["Ada", "Ada"], ["Ada is a chef born in Lima in 1961.", None])
     assert [(e.fact, e.supported) for e in examples] == [("Ada works as a chef.", False),
                                                          ("Ada was born in Lima.", True),
@@ -39,8 +38,8 @@ def test_classifier_data_recalls_the_truth_and_skips_what_it_cannot_read():
     assert prompts[0] == "Q: What is the occupation of Ada?\nA: chef\n" and len(prompts) == 3
     assert rewards == [0, 1, 0] and recalled == ["poet", "Lima", "1950"]
     paper = longform_rm.FactClassifier("plot")
-    assert paper.prompt("Uxtov (film)", "Bruno is the hero.") == \
-        'Is the following a plot point in "Uxtov (film)"? Bruno is the hero.'
+    assert paper.query("Uxtov (film)", "Bruno is the hero.") == \
+        ('Is the following a plot point in "Uxtov (film)"? Bruno is the hero.', None)
     assert paper.training_data(examples)[2] is None and paper.verdicts == {1: "Yes.", 0: "No."}
 
 

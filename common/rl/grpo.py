@@ -144,7 +144,7 @@ def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupRew
     evaluates and writes checkpoints."""
     out_dir = Path(out_dir)
     acc = training.accelerator()
-    n_proc, rank = acc.num_processes, acc.process_index
+    n_proc = acc.num_processes
     if cfg.prompts_per_step % n_proc or cfg.minibatch_size % n_proc:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} and minibatch_size {cfg.minibatch_size} must "
                          f"split over {n_proc} processes")
@@ -159,13 +159,11 @@ def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupRew
         history.append({"step": 0, **evaluate(0)})
     bar = tqdm(total=cfg.total_steps, initial=step, desc=desc, disable=not acc.is_main_process)
     while step < cfg.total_steps:
-        idx = [order.next() for _ in range(cfg.prompts_per_step)][rank::n_proc]
+        idx = rollouts.process_share([order.next() for _ in range(cfg.prompts_per_step)])
         policy.eval()
-        # One process draws from the global stream, which its checkpoints keep; several draw from their own
-        # (seed, step, process) streams, so a resumed multi-process run samples as an uninterrupted one.
-        own = None if n_proc == 1 else int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
         groups = rollouts.sample(policy, tokenizer, [prompts[i] for i in idx], cfg.group_size, cfg.max_new_tokens,
-                                 cfg.temperature, cfg.sample_batch_size, desc=f"{desc}: sample", generator_seed=own)
+                                 cfg.temperature, cfg.sample_batch_size, desc=f"{desc}: sample",
+                                 generator_seed=rollouts.process_stream(seed, step))
         rewards = torch.tensor([list(group_reward(step, i, [tokenizer.decode(r.response_ids) for r in group]))
                                 for i, group in zip(idx, groups)], dtype=torch.float32)
         advantages = group_advantages(rewards, cfg.std_normalize).flatten()

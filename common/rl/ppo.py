@@ -62,10 +62,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, n_tokens: torch.Tensor | No
     return (x * mask).sum() / (mask.sum() if n_tokens is None else n_tokens).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, n_tokens: torch.Tensor | None = None, eps: float = 1e-8
+           ) -> torch.Tensor:
     """Zero mean and unit variance over the response tokens of the whole minibatch, every process's share of it
-    included (padding left at 0)."""
-    n_tokens = training.sum_over_processes(mask.sum())
+    included (padding left at 0); `n_tokens` is the minibatch's token count when the caller has it."""
+    n_tokens = training.sum_over_processes(mask.sum()) if n_tokens is None else n_tokens
     mean = training.sum_over_processes(masked_mean(x, mask, n_tokens))
     var = training.sum_over_processes(masked_mean((x - mean) ** 2, mask, n_tokens))
     return (x - mean) * torch.rsqrt(var + eps) * mask
@@ -129,21 +130,18 @@ ScoreFn = Callable[[Sequence[int], Sequence[str]], Sequence[float]]  # (prompt i
 
 
 def collect(policy, value_head, tokenizer, prompts: Sequence[str], next_prompt: Callable[[], int], score: ScoreFn,
-            cfg: PPOConfig, stream: Sequence[int] | None = None) -> list[rollouts.Rollout]:
+            cfg: PPOConfig, stream: Sequence[int] = ()) -> list[rollouts.Rollout]:
     """Generate chunk by chunk until `num_rollouts` exist; score them; store old log-probs and values, and the
     reference log-probs (no reference pass at KL coefficient 0: the penalty is then zero). Under several processes
-    each draws the same prompts and keeps every n-th one, `num_rollouts / n` in all, sampled from its own
-    `stream` key (sampling then draws from (key, chunk)); one process samples from the global torch stream."""
-    acc = training.accelerator()
-    n_proc, rank = acc.num_processes, acc.process_index
+    each draws the same prompts and keeps every n-th one, `num_rollouts / n` in all, sampled from its own stream
+    for (`stream`, chunk) (`rollouts.process_stream`)."""
     store: list[rollouts.Rollout] = []
     pad = tokenizer.pad_token_id
-    while len(store) < cfg.num_rollouts // n_proc:
-        idx = [next_prompt() for _ in range(cfg.chunk_size)][rank::n_proc]
-        own = None if stream is None else int(np.random.SeedSequence([*stream, len(store)]).generate_state(1)[0])
+    while len(store) < cfg.num_rollouts // training.accelerator().num_processes:
+        idx = rollouts.process_share([next_prompt() for _ in range(cfg.chunk_size)])
         chunk = [group[0] for group in rollouts.sample(policy, tokenizer, [prompts[i] for i in idx], 1,
                                                        cfg.max_new_tokens, cfg.temperature, cfg.chunk_size,
-                                                       generator_seed=own)]
+                                                       generator_seed=rollouts.process_stream(*stream, len(store)))]
         scores = score(idx, [tokenizer.decode(r.response_ids) for r in chunk])
         batch = rollouts.collate(chunk, pad)
         with torch.no_grad():
@@ -205,8 +203,7 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PP
     saved_at = step
     while step < cfg.total_steps:
         policy.eval()
-        stream = None if n_proc == 1 else [seed, step, acc.process_index]
-        store = collect(policy, value_head, tokenizer, prompts, order.next, score, cfg, stream)
+        store = collect(policy, value_head, tokenizer, prompts, order.next, score, cfg, (seed, step))
         round_stats = training.mean_over_processes({
             "mean_score": float(np.mean([r.score for r in store])),
             "kl": float(np.mean([(r.extra["logprobs"] - r.extra["ref_logprobs"]).sum().item() for r in store])),
@@ -256,13 +253,13 @@ def ppo_step(policy, value_head, optimizer, tokenizer, minibatch: Sequence[rollo
     rewards = kl_penalized_rewards(torch.tensor([r.score for r in minibatch]), old_logprobs, ref_logprobs, mask,
                                    cfg.init_kl_coef)
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    advantages = whiten(advantages, mask)
+    n_tokens = training.sum_over_processes(mask.sum())
+    advantages = whiten(advantages, mask, n_tokens)
     vf_only = step < cfg.vf_only_steps
     if vf_only and isinstance(policy, DDP):  # no policy gradient: DDP must not wait for one
         policy = policy.module
     logits, hidden = rollouts.response_logits(policy, batch, hidden=True)
     logprobs, values = rollouts.token_logprobs(logits, batch), value_head(hidden).cpu() * mask
-    n_tokens = training.sum_over_processes(mask.sum())
     pg_loss, vf_loss, stats = ppo_losses(logprobs, values, old_logprobs, advantages, returns, mask, cfg.cliprange,
                                          n_tokens)
     loss = cfg.vf_coef * vf_loss if vf_only else pg_loss + cfg.vf_coef * vf_loss

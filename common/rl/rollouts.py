@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from common import sampling
+from common import sampling, training
 
 
 @dataclass
@@ -45,6 +45,22 @@ class PromptOrder:
 
     def state(self) -> dict:
         return {"queue": list(self.queue), "rng": self.rng.bit_generator.state}
+
+
+def process_share(items: list) -> list:
+    """This process's share of what every process drew alike: every n-th item from its rank (all with one)."""
+    acc = training.accelerator()
+    return items[acc.process_index :: acc.num_processes]
+
+
+def process_stream(*key: int) -> int | None:
+    """The sampling seed of this process's own stream for `key` (e.g. seed and step) in a multi-process run, so a
+    resumed run samples as an uninterrupted one; None with one process, which draws from the global stream its
+    checkpoints keep."""
+    acc = training.accelerator()
+    if acc.num_processes == 1:
+        return None
+    return int(np.random.SeedSequence([*key, acc.process_index]).generate_state(1)[0])
 
 
 def sample(model, tokenizer, prompts: Sequence[str], num_samples: int, max_new_tokens: int, temperature: float,
