@@ -58,6 +58,22 @@ def fraction_true(facts: list[Fact] | None) -> float:
     return n_true / (n_true + n_false) if n_true + n_false else 0.0
 
 
+FUNCTION_WORDS = {"a", "an", "the", "is", "was", "are", "in", "of", "and", "as", "for", "by", "to", "on", "at", "who",
+                  "that", "with", "it", "he", "she", "his", "her"}
+
+
+def mark_unsupported(text: str, facts: list[Fact] | None, topic: str) -> list[tuple[str, bool]]:
+    """The response's words, each marked when it appears in an unsupported fact and in neither a supported fact
+    nor the topic (function words never): Fig. 8's highlighting of what the labeller marks unsupported (SPEC.md
+    6.6 [PROPOSED])."""
+    def words(s: str) -> set[str]:
+        return {w.lower() for w in re.findall(r"\w+", s)} - FUNCTION_WORDS
+
+    supported = words(topic).union(*(words(f.text) for f in facts or [] if f.supported))
+    wrong = set().union(*(words(f.text) for f in facts or [] if not f.supported)) - supported
+    return [(w, bool(words(w) & wrong)) for w in text.split()]
+
+
 def label_all(checker: FactChecker, topics: Sequence[str], texts: Sequence[str | None]) -> list[list[Fact] | None]:
     """Label many responses, `checker.workers` at a time; None texts (invalid generations) stay None."""
     def one(pair):

@@ -1,5 +1,9 @@
-"""Exp.5's reward models (SPEC.md 6.3): a per-fact classifier, trained on facts labelled FActScore-style, and the
-response reward 2 x (facts judged true) - 3 x (facts judged false), 0 without facts, -15 for an invalid response.
+"""Exp.5's two-stage reward models (SPEC.md 6.3): a decomposer that splits a response into atomic facts, a per-fact
+classifier trained on facts labelled FActScore-style, and the response reward 2 x (facts judged true) - 3 x (facts
+judged false), 0 without facts, -15 for an invalid response.
+
+The decomposer is the base model plus a LoRA adapter, SFT'd from the bare response to " Fact 1: {atom}\nFact 2:
+{atom}..." (the labeller's atoms) and read greedily (`parse_decomposition`); both reward models share it.
 
 The classifier is `common.reward_model` on one fact at a time:
 - paper scale: the paper's prompts (bios "{fact} Is the answer to the question correct?", plots 'Is the following a
@@ -20,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from common import factscore, reward_model, tasks
+from common import factscore, reward_model, sampling, tasks
 
 TRUE_REWARD, FALSE_REWARD, INVALID_REWARD = 2.0, -3.0, -15.0  # SPEC.md 6.3 (-15 = 5 x -3, the authors' code)
 PAPER_VERDICTS = {1: "Yes.", 0: "No."}  # the paper's classifier targets (" Yes." once tokenized after the prompt)
@@ -38,11 +42,29 @@ class FactExample:
     supported: bool
 
 
-def fact_examples(checker: factscore.FactChecker, topics: Sequence[str], texts: Sequence[str | None]
-                  ) -> list[FactExample]:
-    """Every labelled fact of the valid responses (None texts are invalid responses, they contribute none)."""
-    labels = factscore.label_all(checker, topics, texts)
+def fact_examples(topics: Sequence[str], labels: Sequence[list[factscore.Fact] | None]) -> list[FactExample]:
+    """Every labelled fact of the valid responses (`factscore.label_all`'s None, an invalid response, gives none)."""
     return [FactExample(t, f.text, f.supported) for t, facts in zip(topics, labels) for f in facts or []]
+
+
+def decomposition_target(facts: Sequence[str]) -> str:
+    """The decomposer's SFT target: " Fact 1: {atom}\nFact 2: {atom}..." (nothing for a response without facts)."""
+    return "\n".join(f"{' ' if k == 0 else ''}Fact {k + 1}: {fact}" for k, fact in enumerate(facts))
+
+
+def parse_decomposition(text: str) -> list[str]:
+    """The authors' reading of a decomposition: split on newlines, keep the lines ending in ".", drop each
+    line's text up to its first ": " (the "Fact k" label)."""
+    lines = [line.strip() for line in tasks.strip_eos(text).split("\n")]
+    return [line.split(": ", 1)[-1] for line in lines if line.endswith(".")]
+
+
+def decomposition_pairs(texts: Sequence[str | None], labels: Sequence[list[factscore.Fact] | None]
+                        ) -> tuple[list[str], list[str]]:
+    """The decomposer's (response, target) SFT pairs from labelled responses; invalid ones are left out."""
+    pairs = [(text, decomposition_target([f.text for f in facts or []]))
+             for text, facts in zip(texts, labels) if text is not None]
+    return [p for p, _ in pairs], [t for _, t in pairs]
 
 
 class FactClassifier:
@@ -98,3 +120,33 @@ def predicted_rewards(classifier: FactClassifier, model, tokenizer, topics: Sequ
         (n_true if ok else n_false)[i] += 1
     return np.array([response_reward(t, f, facts is not None)
                      for t, f, facts in zip(n_true, n_false, facts_per_response)])
+
+
+def decompose(decomposer, tokenizer, texts: Sequence[str | None], cfg: sampling.SamplingConfig
+              ) -> list[list[str] | None]:
+    """Each valid response's atoms from the decomposer's greedy output (None for an invalid response)."""
+    valid = [i for i, t in enumerate(texts) if t is not None]
+    out: list[list[str] | None] = [None] * len(texts)
+    if valid:
+        generations = sampling.generate(decomposer, tokenizer, [texts[i] for i in valid], cfg, desc="decomposer")
+        for i, (g,) in zip(valid, generations):
+            out[i] = parse_decomposition(g)
+    return out
+
+
+@dataclass
+class TwoStageRewardModel:
+    """Response -> reward: the decomposer's atoms (decoded with `decode`), each judged by the classifier."""
+
+    decomposer: object
+    classifier_model: object
+    classifier: FactClassifier
+    tokenizer: object
+    decode: sampling.SamplingConfig
+    batch_size: int
+
+    def rewards(self, topics: Sequence[str], texts: Sequence[str | None]) -> np.ndarray:
+        """Each response's predicted reward (None texts: invalid responses, -15)."""
+        facts = decompose(self.decomposer, self.tokenizer, texts, self.decode)
+        return predicted_rewards(self.classifier, self.classifier_model, self.tokenizer, topics, facts,
+                                 self.batch_size)

@@ -170,6 +170,72 @@ def predicted_reward_lines(table, task: str, path: Path) -> None:
         save_figure(fig, path)
 
 
+LONGFORM_METHODS = (("sft", "tab:blue", "Standard SFT"), ("rl_standard", "tab:orange", "RL+Standard RM"),
+                    ("rl_conservative", "tab:green", "RL+Conservative RM"))
+
+
+def fact_count_grid(tables: dict, path: Path) -> None:
+    """Figure 7: true (top row) and false (bottom row) facts per response by unfamiliarity bin, one column per task,
+    one line per method (SFT blue, RL + standard RM orange, RL + conservative RM green), no bands; the legend on
+    top in three columns. `tables[task]` has a `method` column and n_true_mean / n_false_mean by bin."""
+    with paper_style(font_size=18):
+        fig, axes = plt.subplots(2, len(tables), figsize=(6 * len(tables), 10), squeeze=False)
+        for col, (task, table) in enumerate(tables.items()):
+            for row, (column, word) in enumerate((("n_true", "True"), ("n_false", "False"))):
+                ax = axes[row, col]
+                for method, color, label in LONGFORM_METHODS:
+                    shown = occupied(table[table.method == method])
+                    ax.plot(shown["x_mean"], shown[f"{column}_mean"], "-o", color=color, label=label,
+                            markersize=14, linewidth=5, alpha=0.8)
+                ax.set_xlabel(UNFAMILIARITY_LABEL)
+                ax.set_ylabel(f"Number of $\\bf{{{word}}}$ Facts")
+                if row == 0:
+                    ax.set_title(LONGFORM_TITLES[task], fontweight="bold")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 1.04))
+        fig.tight_layout()
+        save_figure(fig, path)
+
+
+def marked_text(ax, words: Sequence[tuple[str, bool]], x0: float = 0.02, y0: float = 0.95,
+                line_height: float = 0.09, font_size: int = 11) -> None:
+    """Words laid out left to right and wrapped at the axes' width, the marked ones in red (Fig. 8)."""
+    renderer = ax.figure.canvas.get_renderer()
+    axes_width = ax.get_window_extent(renderer).width
+    x, y = x0, y0
+    for word, marked in words:
+        text = ax.text(x, y, word + " ", transform=ax.transAxes, va="top", fontsize=font_size,
+                       color="tab:red" if marked else "black", fontweight="bold" if marked else "normal")
+        width = text.get_window_extent(renderer).width / axes_width
+        if x > x0 and x + width > 1 - x0:
+            x, y = x0, y - line_height
+            text.set_position((x, y))
+        x += width
+
+
+def response_grid(cells: Sequence[dict], row_labels: Sequence[str], path: Path) -> None:
+    """Figure 8: greedy responses, one row per method and one column per entity, false facts' words in red.
+    Each cell: {"title", "words": [(word, is_false)], "row"}; columns in the order of the cells' titles."""
+    titles = list(dict.fromkeys(c["title"] for c in cells))
+    with paper_style(font_size=12):
+        fig, axes = plt.subplots(len(row_labels), len(titles), figsize=(4.5 * len(titles), 2.4 * len(row_labels)),
+                                 squeeze=False)
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ("top", "right", "left", "bottom"):
+                ax.spines[side].set_visible(True)
+        fig.canvas.draw()
+        for cell in cells:
+            ax = axes[row_labels.index(cell["row"]), titles.index(cell["title"])]
+            marked_text(ax, cell["words"])
+        for j, title in enumerate(titles):
+            axes[0, j].set_title(title, fontweight="bold")
+        for i, label in enumerate(row_labels):
+            axes[i, 0].set_ylabel(label, fontweight="bold")
+        save_figure(fig, path)
+
+
 SETTING_COLORS = {"fact": "tab:green", "caution": "tab:blue", "both": "tab:purple", "fact-then-caution": "tab:orange"}
 DECOMPOSITION_COLORS = {"All Correct": "tab:green", "Partial Correct": "yellowgreen", "Partial NotAttempt": "khaki",
                         "All NotAttempt": "tab:blue", "All Attempt and Wrong": "tab:red"}

@@ -20,8 +20,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (cache, data, evaluation, models, plotting, results, sampling, scales, sft, tasks,  # noqa: E402
-                    training, unfamiliarity)
+from common import (data, evaluation, models, plotting, results, sampling, scales, sft, tasks,  # noqa: E402
+                    unfamiliarity)
 from common.buckets import Bins, occupied  # noqa: E402
 from common.rl import ppo  # noqa: E402
 from common.rl.rewards import MALFORMED_REWARD, REWARDS, reward  # noqa: E402
@@ -117,16 +117,11 @@ def train_policy(policy, init_key: str, tokenizer, prompts: list[str], score, cf
     """PPO with training curves, cached under a key naming everything the cached run depends on: the starting
     point, the PPO settings, the prompts, the reward table and the grader's answer format, and the curve
     evaluations' settings (their results live in the cached history)."""
-    ppo_cfg = cfg.mmlu_ppo if task == "mmlu" else cfg.triviaqa_ppo
     name = f"{task}_rl{REWARD_NUMBER[reward_name]}"
-    out_dir = cache.cache_dir("ppo", init_key, name, ppo_cfg, seed, prompts, REWARDS[reward_name],
-                              MALFORMED_REWARD[task], cfg.answer if task == "mmlu" else "triviaqa",
-                              cfg.eval_sampling, cfg.eval_batch_size, cfg.curve_eval_questions)
-    run.cache_hits[f"ppo_{name}"] = training.is_finished(out_dir, ppo_cfg)
-    with run.stage(f"ppo_{name}"):
-        _, curves = ppo.train_ppo(policy, tokenizer, prompts, score, ppo_cfg, out_dir, seed, resume=resume,
-                                  evaluate=evaluate, desc=f"PPO {name}")
-    run.write_csv(f"{name}_curves.csv", curves)
+    key = (REWARDS[reward_name], MALFORMED_REWARD[task], cfg.answer if task == "mmlu" else "triviaqa",
+           cfg.eval_sampling, cfg.eval_batch_size, cfg.curve_eval_questions)
+    curves = ppo.train_cached(policy, tokenizer, prompts, score, cfg.mmlu_ppo if task == "mmlu" else cfg.triviaqa_ppo,
+                              name, run, seed, init_key, key, resume=resume, evaluate=evaluate)
     plot_curves(curves, name, run.path(f"{name}_curves.png"))
 
 

@@ -2,11 +2,13 @@
 
 Biographies and plot premises: score each evaluation entity's unfamiliarity (mean false facts over few-shot
 base-model samples), SFT the base model on the task, and label its responses' facts (FActScore-style,
-`common.factscore`). Fig. 5: train the per-fact classifier of a conservative reward model (facts of the SFT
-model's own samples on the training prompts) and of a standard one (facts of a writer whose errors do not depend on
-the entity) and compare their predicted rewards with the ground truth on the SFT model's evaluation responses
-(`common.longform_rm`). Not built yet (issue 15): the decomposer, PPO with each reward model, Figs. 7-8 and the
-table; at paper scale the standard reward model's GPT-3.5 writer.
+`common.factscore`). Two two-stage reward models (`common.longform_rm`) share a decomposer trained on the SFT model's
+samples; their per-fact classifiers differ in data: the conservative one learns from facts of the SFT model's own
+samples, the standard one from facts of a writer whose errors do not depend on the entity. Fig. 5 compares their
+predicted rewards with the ground truth on the SFT model's evaluation responses. PPO from the SFT model with each
+reward model then gives the policies of Fig. 7 (true and false facts by unfamiliarity), the table (mean fraction of
+true facts) and Fig. 8 (greedy responses for three entities of rising unfamiliarity). Not built: the standard reward
+model's GPT-3.5 writer at paper scale, so a paper-scale run stops before training.
 
     python exp05_longform_conservative_rm/run.py [--task bio|plot|both] [--scale ...] [--seed N]
                                                  [--wikipedia enwiki.db] [--wikibios wiki_bio] [--wikiplots DIR]
@@ -16,7 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import (data, factscore, longform_rm, models, plotting, results, reward_model, sampling,  # noqa: E402
                     scales, sft, tasks, unfamiliarity)
 from common.buckets import Bins, summarize_by_bin  # noqa: E402
+from common.rl import ppo  # noqa: E402
 
 EXPERIMENT = "exp05_longform_conservative_rm"
 log = logging.getLogger(EXPERIMENT)
 FACT_COLUMNS = ["n_true", "n_false", "frac_true"]
+METHODS = [m for m, _, _ in plotting.LONGFORM_METHODS]  # sft, rl_standard, rl_conservative
+RM_KINDS = ("standard", "conservative")
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,19 @@ class Exp5Config:
     # bin the conservative RM then predicted +5.8 where the truth was -12.0).
     rm_prompt_fraction: float = 0.0
     rm_batch_size: int = 16
+    # the shared decomposer (SPEC.md 6.3): lr 2e-5, cosine T_max 1e4 to 1e-10, batch 32; read at bios 1000, plots 3000
+    decomposer_sft: dict = field(default_factory=lambda: {
+        task: sft.SFTConfig(lr=2e-5, batch_size=32, total_steps=steps, t_max=10_000, eta_min=1e-10,
+                            checkpoint_every=1000) for task, steps in (("bio", 1000), ("plot", 3000))})
+    decompose: sampling.SamplingConfig = field(default_factory=lambda: sampling.SamplingConfig(
+        max_new_tokens=200, temperature=0, batch_size=16))
+    # SPEC.md 6.4: beta 0.5, cliprange 0.005, batch 10, 42 x 4 = 168 rollouts per round, lr 1e-5 constant, 120 new
+    # tokens. The authors read different steps per method (bios 32000 / 10000, plots 30000 / 15000); one step for
+    # both methods here (SPEC.md section 8's fixed rule).
+    ppo: ppo.PPOConfig = field(default_factory=lambda: ppo.PPOConfig(
+        total_steps=30_000, num_rollouts=168, chunk_size=42, batch_size=10, init_kl_coef=0.5, cliprange=0.005,
+        max_new_tokens=120, checkpoint_every=1000, eval_every=1000))
+    curve_eval_items: int = 64  # evaluation entities behind the PPO training curves
     train_format_tokens: bool = False
     # Prompts end with the response's prefix and the entity's name (tasks.longform_lead), which the response then
     # continues. Synthetic scale only: measured on seed 0 (mean true / false facts of 4, evaluation bios, most
@@ -85,14 +103,26 @@ PRESETS = {
         unfamiliarity_bins=(0, 1, 2, 3, 4.5), train_format_tokens=True, named_prompts=True,
         rm_sft=sft.SYNTHETIC_SFT, rm_batch_size=256, rm_prompt_fraction=0.5,
         # 4 samples per prompt (the paper: 1), so ~190 held-out entities give as many facts as the writer's 4 each
-        rm_sampling=sampling.SamplingConfig(max_new_tokens=24, temperature=1.0, num_samples=4, batch_size=128)),
+        rm_sampling=sampling.SamplingConfig(max_new_tokens=24, temperature=1.0, num_samples=4, batch_size=128),
+        decomposer_sft={"bio": replace(sft.SYNTHETIC_SFT, total_steps=1000, t_max=1000),
+                        "plot": replace(sft.SYNTHETIC_SFT, total_steps=1000, t_max=1000)},
+        decompose=sampling.SamplingConfig(max_new_tokens=64, temperature=0, batch_size=256),
+        ppo=ppo.PPOConfig(lr=3e-3, eta_min=3e-3, cliprange=0.2, total_steps=480, num_rollouts=512, chunk_size=256,
+                          batch_size=128, ppo_epochs=4, vf_only_steps=16, init_kl_coef=0.1, max_new_tokens=24,
+                          checkpoint_every=160, eval_every=80)),
     "micro": Exp5Config(
         sft={"bio": sft.MICRO_SFT, "plot": sft.MICRO_SFT}, lora=models.MICRO_LORA,
         scoring=unfamiliarity.LongformScoringSettings(n_shots=2, max_new_tokens=8, batch_size=16),  # the few-shot path
         eval_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=0, batch_size=16),
         unfamiliarity_bins=(0, 1, 2, 4.5), max_eval_items=8, named_prompts=True, rm_sft=sft.MICRO_SFT,
         rm_prompt_fraction=0.5,
-        rm_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, batch_size=16)),
+        rm_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, batch_size=16),
+        decomposer_sft={"bio": sft.MICRO_SFT, "plot": sft.MICRO_SFT},
+        decompose=sampling.SamplingConfig(max_new_tokens=16, temperature=0, batch_size=16),
+        ppo=ppo.PPOConfig(lr=1e-3, eta_min=1e-3, total_steps=4, num_rollouts=4, chunk_size=4, batch_size=2,
+                          ppo_epochs=1, vf_only_steps=2, init_kl_coef=0.1, max_new_tokens=8, checkpoint_every=2,
+                          eval_every=2),
+        curve_eval_items=4),
 }
 
 
@@ -151,7 +181,22 @@ def fig5_claims(task: str, table: pd.DataFrame) -> list[results.Claim]:
                       "margin)", min(standard - 2.0 - conservative, truth + 1.0 - conservative), ">=", 0.0)]
 
 
-def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> tuple[dict, list[results.Claim]]:
+def table_claim(task: str, fractions: dict[str, float]) -> results.Claim:
+    rl, sft_, standard = fractions["rl_conservative"], fractions["sft"], fractions["rl_standard"]
+    return results.claim(f"table.{task}.order", "fraction of true facts: RL + conservative RM - SFT >= 0.10 and RL + "
+                         "conservative RM - RL + standard RM >= 0.05 (value: the smaller margin)",
+                         min(rl - sft_ - 0.10, rl - standard - 0.05), ">=", 0.0)
+
+
+@dataclass
+class TaskResult:
+    frames: dict  # method -> one row per evaluation response (label_responses)
+    labels: dict  # method -> each response's labelled facts
+    extra: dict
+    claims: list
+
+
+def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> TaskResult:
     with run.stage(f"{task}_data"):
         splits = load_items(base, task, args)
         pool, eval_items = splits["finetune"], splits["eval"][: cfg.max_eval_items]
@@ -175,9 +220,14 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> tuple[dic
                                         desc=f"{task}: {desc}", generator_seed=seed)
         return [[tasks.with_lead(lead(it), x) for x in g] for it, g in zip(items, generations)]
 
+    def evaluate(model, items=eval_items, item_scores=scores):
+        """Greedy responses to the evaluation prompts, labelled (SPEC.md 6.5)."""
+        responses = [r[0] for r in respond(model, items, cfg.eval_sampling, "evaluation responses")]
+        return label_responses(checker, items, responses, item_scores)
+
     held_out = np.random.default_rng([run_args.seed, 71]).random(len(pool)) < cfg.rm_prompt_fraction
     sft_items = [it for it, h in zip(pool, held_out) if not h]
-    rm_items = [it for it, h in zip(pool, held_out) if h] or pool  # the reward models' prompts
+    rm_items = [it for it, h in zip(pool, held_out) if h] or pool  # the reward models' and RL's prompts
     run.extra[f"{task}_split"] |= {"sft": len(sft_items), "reward_model_prompts": len(rm_items)}
     prompts = [prompt(it) for it in sft_items]
     targets = [tasks.longform_target(it)[len(lead(it)):] for it in sft_items]
@@ -185,50 +235,123 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> tuple[dic
             if cfg.train_format_tokens else cfg.lora)
     policy = sft.finetune_lora(base, lora, cfg.sft[task], prompts, targets, f"{task}_sft", run,
                                seed=run_args.seed, resume=run_args.resume)
+    init_key = sft.adapter_dir(base, lora, cfg.sft[task], prompts, targets, run_args.seed).name
+    frames, labels = {}, {}
     with run.stage(f"{task}_evaluate_sft"):
-        responses = [r[0] for r in respond(policy, eval_items, cfg.eval_sampling, "SFT responses")]
-        frame, labels = label_responses(checker, eval_items, responses, scores)
-    with run.stage(f"{task}_sample_sft"):  # the conservative reward model's data
+        frames["sft"], labels["sft"] = evaluate(policy)
+    with run.stage(f"{task}_sample_sft"):  # the conservative reward model's and the decomposer's data
         samples = respond(policy, rm_items, cfg.rm_sampling, "SFT samples", seed=run_args.seed)
+        start = models.merged_copy(policy)  # the RL starting point (SPEC.md 6.4)
         base.model = policy.unload()
-    run.write_csv(f"{task}_sft_responses.csv", frame)
-    bins = Bins(cfg.unfamiliarity_bins, closed="left")
-    run.write_csv(f"{task}_sft_facts.csv", summarize_by_bin(frame, "unfamiliarity", bins, FACT_COLUMNS))
 
-    # Fig. 5: each reward model's classifier judges the facts of the SFT model's evaluation responses (the
-    # decomposer bypassed, as the paper's Fig. 5 uses FActScore's facts).
     # the writer writes as many texts per prompt as the SFT model samples
     per_sample = [it for it in rm_items for _ in range(cfg.rm_sampling.num_samples)]
     topics = [it.topic for it in per_sample]
     sampled = [tasks.longform_text(task, r) for rs in samples for r in rs]
-    examples = {"conservative": longform_rm.fact_examples(checker, topics, sampled),
-                "standard": longform_rm.fact_examples(checker, topics, standard_writer_texts(
-                    base, per_sample, cfg, run_args.seed))}
+    sampled_labels = factscore.label_all(checker, topics, sampled)
+    writer_texts = standard_writer_texts(base, per_sample, cfg, run_args.seed)
+    examples = {"conservative": longform_rm.fact_examples(topics, sampled_labels),
+                "standard": longform_rm.fact_examples(topics, factscore.label_all(checker, topics, writer_texts))}
     run.extra[f"{task}_rm_sample_valid"] = float(np.mean([t is not None for t in sampled]))
+
+    # The decomposer, shared by both reward models: the SFT model's samples -> their labelled atoms (SPEC.md 6.3).
+    decomposer_inputs, decompositions = longform_rm.decomposition_pairs(sampled, sampled_labels)
+    decomposer = sft.finetune_lora(base, cfg.lora, cfg.decomposer_sft[task], decomposer_inputs, decompositions,
+                                   f"{task}_decomposer", run, seed=run_args.seed, resume=run_args.resume)
+    decomposer_key = sft.adapter_dir(base, cfg.lora, cfg.decomposer_sft[task], decomposer_inputs, decompositions,
+                                     run_args.seed).name
+    decomposer_model = models.merged_copy(decomposer)
+    base.model = decomposer.unload()
+
+    # Fig. 5: each classifier judges the labeller's facts of the SFT model's evaluation responses (the decomposer
+    # bypassed, as in the paper); then PPO from the SFT model with the whole two-stage reward model.
+    frame = frames["sft"]
     classifier = longform_rm.FactClassifier(task, checker if base.world is not None else None)
-    eval_facts = [None if not v else [f.text for f in facts or []] for v, facts in zip(frame.valid, labels)]
-    for kind, facts in examples.items():
+    eval_facts = [None if not v else [f.text for f in facts or []] for v, facts in zip(frame.valid, labels["sft"])]
+    texts = [tasks.longform_text(task, r) for r in frame.response]
+    with run.stage(f"{task}_decomposer_agreement"):
+        decomposed = longform_rm.decompose(decomposer_model, base.tokenizer, texts, cfg.decompose)
+    valid = [i for i, t in enumerate(texts) if t is not None]
+    run.extra[f"{task}_decomposer_exact"] = float(np.mean([decomposed[i] == eval_facts[i] for i in valid])) \
+        if valid else None
+    for kind in RM_KINDS:
+        facts = examples[kind]
         run.extra[f"{task}_rm_{kind}_facts"] = {
             "n": len(facts), "true_share": float(np.mean([f.supported for f in facts])) if facts else None}
         fact_prompts, rewards, recalled = classifier.training_data(facts)
         if not fact_prompts:  # the micro world's SFT model writes no clause of the grammar
-            log.warning("%s: no fact for the %s reward model to learn from; its predictions are NaN", task, kind)
+            log.warning("%s: no fact for the %s reward model to learn from; it predicts NaN and trains no "
+                        "policy", task, kind)
             frame[f"{kind}_reward"] = np.nan
+            frames[f"rl_{kind}"], labels[f"rl_{kind}"] = frames["sft"], labels["sft"]
             continue
         model = reward_model.train(base, cfg.lora, cfg.rm_sft, fact_prompts, rewards, f"{task}_rm_{kind}", run,
                                    seed=run_args.seed, resume=run_args.resume, recalled=recalled,
                                    words=classifier.verdicts)
+        classifier_key = sft.adapter_dir(base, cfg.lora, cfg.rm_sft, fact_prompts, reward_model.targets(
+            rewards, recalled, classifier.verdicts), run_args.seed).name
         with run.stage(f"{task}_rm_{kind}_predict"):
             frame[f"{kind}_reward"] = longform_rm.predicted_rewards(classifier, model, base.tokenizer,
                                                                     frame.topic.tolist(), eval_facts,
                                                                     cfg.rm_batch_size)
+            rm = longform_rm.TwoStageRewardModel(decomposer_model, models.merged_copy(model), classifier,
+                                                 base.tokenizer, cfg.decompose, cfg.rm_batch_size)
             base.model = model.unload()
+
+        def score(idx, generations, rm=rm):
+            items = [rm_items[i] for i in idx]
+            return rm.rewards([it.topic for it in items], [tasks.longform_text(task, tasks.with_lead(lead(it), g))
+                                                          for it, g in zip(items, generations)])
+
+        def curve_point(step):
+            point, _ = evaluate(rl, eval_items[: cfg.curve_eval_items], scores[: cfg.curve_eval_items])
+            return {"eval_frac_true": point.frac_true.mean(), "eval_true": point.n_true.mean(),
+                    "eval_false": point.n_false.mean(), "eval_valid": point.valid.mean()}
+
+        rl = models.add_lora(start, cfg.lora, seed=run_args.seed)
+        ppo.train_cached(rl, base.tokenizer, [prompt(it) for it in rm_items], score, cfg.ppo, f"{task}_rl_{kind}",
+                         run, run_args.seed, init_key, (decomposer_key, classifier_key, cfg.decompose, checker.key,
+                                                        cfg.eval_sampling, cfg.curve_eval_items), resume=run_args.resume,
+                         evaluate=curve_point)
+        with run.stage(f"{task}_evaluate_rl_{kind}"):
+            frames[f"rl_{kind}"], labels[f"rl_{kind}"] = evaluate(rl)
+        start = rl.unload()
     run.write_csv(f"{task}_rm_predictions.csv", frame)
+    bins = Bins(cfg.unfamiliarity_bins, closed="left")
     table = summarize_by_bin(frame, "unfamiliarity", bins, ["true_reward", "conservative_reward", "standard_reward"])
     run.write_csv(f"{task}_rewards.csv", table)
     plotting.predicted_reward_lines(table, task, run.path(f"{task}_rewards.png"))
-    extra = {"sft_fraction_true": float(frame.frac_true.mean()), "sft_valid": float(frame.valid.mean())}
-    return extra, fig5_claims(task, table)
+    for method in METHODS:
+        run.write_csv(f"{task}_{method}_responses.csv", frames[method])
+    fractions = {m: float(frames[m].frac_true.mean()) for m in METHODS}
+    extra = {"fraction_true": fractions, "valid": {m: float(frames[m].valid.mean()) for m in METHODS}}
+    return TaskResult(frames, labels, extra, fig5_claims(task, table) + [table_claim(task, fractions)])
+
+
+def facts_by_method(frames: dict, bins: Bins) -> pd.DataFrame:
+    """Fig. 7's data: true / false facts (and the fraction true) by unfamiliarity bin, one block per method."""
+    return pd.concat([summarize_by_bin(frames[m], "unfamiliarity", bins, FACT_COLUMNS).assign(method=m)
+                      for m in METHODS], ignore_index=True)
+
+
+def fig8_cells(result: TaskResult, n_entities: int = 3) -> tuple[pd.DataFrame, list[dict]]:
+    """Fig. 8: the evaluation entities nearest to the lowest, middle and highest unfamiliarity, with the greedy
+    responses of SFT and RL + conservative RM, each word marked when it belongs only to false facts."""
+    sft_frame = result.frames["sft"]
+    score = sft_frame.unfamiliarity.to_numpy()
+    wanted = np.linspace(score.min(), score.max(), n_entities)
+    rows, cells, chosen = [], [], []
+    for target in wanted:
+        i = int(np.argmin(np.abs(score - target) + np.isin(np.arange(len(score)), chosen) * np.inf))
+        chosen.append(i)
+        for method, row in (("sft", "Standard SFT"), ("rl_conservative", "RL+Conservative RM")):
+            frame, facts = result.frames[method], result.labels[method][i]
+            topic, response = frame.topic.iloc[i], tasks.strip_eos(frame.response.iloc[i])
+            title = f"{topic} (unfamiliarity {score[i]:.1f})"
+            rows.append({"topic": topic, "unfamiliarity": score[i], "method": method, "response": response,
+                         "false_facts": " | ".join(f.text for f in facts or [] if not f.supported)})
+            cells.append({"title": title, "row": row, "words": factscore.mark_unsupported(response, facts, topic)})
+    return pd.DataFrame(rows), cells
 
 
 def main(argv=None) -> None:
@@ -252,11 +375,21 @@ def main(argv=None) -> None:
 
     with run.stage("load_base_model"):
         base = models.load_base(run_args.scale, run_args.preset, run_args.seed, cache_hits=run.cache_hits)
-    claims = []
-    for task in task_names:
-        run.extra[task], task_claims = run_task(base, cfg, task, run, run_args, args)
-        claims += task_claims
-    run.write_claims(claims)
+    task_results = {task: run_task(base, cfg, task, run, run_args, args) for task in task_names}
+    bins = Bins(cfg.unfamiliarity_bins, closed="left")
+    fig7 = {task: facts_by_method(r.frames, bins) for task, r in task_results.items()}
+    for task, table in fig7.items():
+        run.write_csv(f"{task}_facts.csv", table)
+    plotting.fact_count_grid(fig7, run.path("fig7_facts.png"))
+    fractions = pd.DataFrame({task: r.extra["fraction_true"] for task, r in task_results.items()}).T[METHODS]
+    run.write_csv("table_fraction_true.csv", fractions.rename_axis("task").reset_index())
+    fig8_task = "plot" if "plot" in task_results else task_names[0]  # the paper's Fig. 8 shows plots
+    fig8_rows, cells = fig8_cells(task_results[fig8_task])
+    run.write_csv("fig8_responses.csv", fig8_rows)
+    plotting.response_grid(cells, ["Standard SFT", "RL+Conservative RM"], run.path("fig8_responses.png"))
+    for task, r in task_results.items():
+        run.extra[task] = r.extra
+    run.write_claims([c for r in task_results.values() for c in r.claims])
     run.write_manifest()
 
 

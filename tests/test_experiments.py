@@ -127,3 +127,10 @@ def test_exp05_fig5_claims_read_the_most_unfamiliar_occupied_bin():
     table.loc[1, "conservative_reward_mean"] = -2.0  # above the standard RM's - 2.0: fails by 1.5
     assert exp05.fig5_claims("bio", table)[1].value == pytest.approx(-1.5)
     assert not exp05.fig5_claims("bio", table)[1].passed
+
+
+def test_exp05_table_claim_is_the_smaller_of_its_two_margins():
+    c = exp05.table_claim("bio", {"sft": 0.5, "rl_standard": 0.6, "rl_conservative": 0.7})
+    assert c.id == "table.bio.order" and c.value == pytest.approx(0.05) and c.passed  # margins 0.10 and 0.05
+    c = exp05.table_claim("plot", {"sft": 0.65, "rl_standard": 0.5, "rl_conservative": 0.7})
+    assert c.value == pytest.approx(-0.05) and not c.passed  # 0.7 - 0.65 - 0.10

@@ -29,7 +29,8 @@ def test_world_checker_reads_its_facts_back_as_question_candidate_and_truth():
 def test_classifier_data_recalls_the_truth_and_skips_what_it_cannot_read():
     checker = factscore.WorldFactChecker([ADA])
     classifier = longform_rm.FactClassifier("bio", checker)
-    examples = longform_rm.fact_examples(checker, ["Ada", "Ada"], ["Ada is a chef born in Lima in 1961.", None])
+    texts = ["Ada is a chef born in Lima in 1961.", None]
+    examples = longform_rm.fact_examples(["Ada", "Ada"], factscore.label_all(checker, ["Ada", "Ada"], texts))
     assert [(e.fact, e.supported) for e in examples] == [("Ada works as a chef.", False),
                                                          ("Ada was born in Lima.", True),
                                                          ("Ada was born in the year 1961.", False)]
@@ -68,3 +69,27 @@ def test_noisy_profile_replaces_each_fact_at_the_error_rate():
 def test_paper_fact_classifier_prompts():
     assert tasks.fact_classifier_prompt("bio", "Ada Lovelace", "She was a mathematician.") == \
         "She was a mathematician. Is the answer to the question correct?"
+
+
+def test_decomposer_targets_number_the_atoms_and_its_output_is_read_back_as_the_authors_did():
+    atoms = ["Ada works as a chef.", "Ada was born in Lima."]
+    target = longform_rm.decomposition_target(atoms)
+    assert target == " Fact 1: Ada works as a chef.\nFact 2: Ada was born in Lima."
+    assert longform_rm.parse_decomposition(target + " </s>") == atoms
+    # lines not ending in "." are dropped; a line without a label is kept whole
+    assert longform_rm.parse_decomposition("Fact 1: Ada works as\nAda is. \nFact 3: x: y.") == ["Ada is.", "x: y."]
+    assert longform_rm.decomposition_target([]) == "" and longform_rm.parse_decomposition("</s>") == []
+    checker = factscore.WorldFactChecker([ADA])
+    texts = ["Ada is a chef born in Lima in 1961.", None, "Ada."]
+    inputs, targets = longform_rm.decomposition_pairs(texts, factscore.label_all(checker, ["Ada"] * 3, texts))
+    assert inputs == [texts[0], "Ada."] and targets[1] == ""
+    assert longform_rm.parse_decomposition(targets[0]) == ["Ada works as a chef.", "Ada was born in Lima.",
+                                                           "Ada was born in the year 1961."]
+
+
+def test_unsupported_words_are_those_only_false_facts_contain():
+    checker = factscore.WorldFactChecker([ADA])
+    text = "Ada is a chef born in Lima in 1961."
+    marked = factscore.mark_unsupported(text, checker.label("Ada", text), "Ada")
+    assert [w for w, m in marked if m] == ["chef", "1961."]
+    assert not any(m for _, m in factscore.mark_unsupported(text, None, "Ada"))

@@ -182,22 +182,31 @@ def test_paper_scale_without_cuda_stops_with_one_line(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: ") and "--allow-cpu" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_exp05_micro_run_labels_the_sft_models_responses_and_compares_the_reward_models(tmp_path):
+def test_exp05_micro_run_labels_responses_compares_the_reward_models_and_trains_ppo_on_them(tmp_path):
     run_module(["exp05_longform_conservative_rm/run.py", "--scale", "synthetic"], tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     # the micro world's SFT model writes no fact, so only the standard reward model (its writer's facts) trains
-    assert {"bio_unfamiliarity", "plot_evaluate_sft", "plot_sample_sft", "sft_bio_rm_standard",
-            "plot_rm_standard_predict"} <= set(manifest["timings_s"])
+    assert {"bio_unfamiliarity", "plot_evaluate_sft", "plot_sample_sft", "sft_bio_decomposer", "sft_bio_rm_standard",
+            "plot_rm_standard_predict", "ppo_bio_rl_standard", "plot_evaluate_rl_standard"} <= set(manifest["timings_s"])
+    assert "ppo_bio_rl_conservative" not in manifest["timings_s"]
     assert manifest["bio_rm_standard_facts"]["n"] > 0 and manifest["bio_rm_conservative_facts"]["n"] == 0
     claims = [c["id"] for c in json.loads((tmp_path / "claims.json").read_text())["claims"]]
-    assert claims == ["fig5.bio.standard_overestimates", "fig5.bio.conservative_below_standard",
-                      "fig5.plot.standard_overestimates", "fig5.plot.conservative_below_standard"]
+    assert claims == [f"{kind}.{task}.{name}" for task in ("bio", "plot") for kind, name in (
+        ("fig5", "standard_overestimates"), ("fig5", "conservative_below_standard"), ("table", "order"))]
+    fractions = pd.read_csv(tmp_path / "table_fraction_true.csv").set_index("task")
     for task in ("bio", "plot"):
         frame = pd.read_csv(tmp_path / f"{task}_sft_responses.csv")
         assert 0 < len(frame) <= 8 and frame.unfamiliarity.between(0, 4).all()  # max_eval_items 8
         assert (frame.frac_true[~frame.valid] == 0).all()  # invalid responses score 0 (the notebook's rule)
-        table = pd.read_csv(tmp_path / f"{task}_sft_facts.csv")
-        assert table["count"].sum() == len(frame) and {"n_true_mean", "n_false_mean", "frac_true_mean"} <= set(table.columns)
+        rl = pd.read_csv(tmp_path / f"{task}_rl_standard_responses.csv")
+        assert rl.topic.tolist() == frame.topic.tolist()
+        assert fractions.loc[task, "rl_standard"] == pytest.approx(rl.frac_true.mean())
+        table = pd.read_csv(tmp_path / f"{task}_facts.csv")
+        assert set(table.method) == {"sft", "rl_standard", "rl_conservative"}
+        assert (table.groupby("method")["count"].sum() == len(frame)).all()
+        assert {"n_true_mean", "n_false_mean", "frac_true_mean"} <= set(table.columns)
+        curves = pd.read_csv(tmp_path / f"{task}_rl_standard_curves.csv")
+        assert curves.step.max() == 4 and curves.eval_frac_true.notna().sum() == 3  # steps 0, 2, 4
         predictions = pd.read_csv(tmp_path / f"{task}_rm_predictions.csv")
         assert (predictions.true_reward == 2 * predictions.n_true - 3 * predictions.n_false).where(
             predictions.valid, predictions.true_reward == -15).all()
@@ -206,3 +215,6 @@ def test_exp05_micro_run_labels_the_sft_models_responses_and_compares_the_reward
             predictions.valid, 0).le(0).all() and predictions.conservative_reward.isna().all()
         assert (tmp_path / f"{task}_rewards.png").exists()
         assert {"true_reward_mean", "standard_reward_mean"} <= set(pd.read_csv(tmp_path / f"{task}_rewards.csv"))
+    fig8 = pd.read_csv(tmp_path / "fig8_responses.csv")
+    assert len(fig8) == 6 and set(fig8.method) == {"sft", "rl_conservative"}
+    assert (tmp_path / "fig7_facts.png").exists() and (tmp_path / "fig8_responses.png").exists()
