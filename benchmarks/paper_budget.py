@@ -67,7 +67,7 @@ def stages() -> list[Stage]:
     def ppo_rollouts(cfg):  # each rollout is used once per PPO epoch
         return cfg.total_steps * cfg.batch_size // cfg.ppo_epochs
 
-    m3, t3 = p3.mmlu_ppo, p3.triviaqa_ppo
+    m3, t3, e5 = p3.mmlu_ppo, p3.triviaqa_ppo, p5.ppo
     return [
         Stage("all MMLU figures", "unfamiliarity: 5-shot letter scores", scored=mmlu, tokens=700),
         Stage("all TriviaQA figures", "unfamiliarity: 12 few-shot samples per question",
@@ -91,9 +91,17 @@ def stages() -> list[Stage]:
         Stage("Figs. 5-8 (exp05)", "SFT bios + plots", train_steps=p5.sft["bio"].total_steps
               + p5.sft["plot"].total_steps, batch=p5.sft["bio"].batch_size, samples=2 * (5_000 + 4_795),
               new_tokens=60, tokens=80, decode_batch=16),
-        Stage("Figs. 5-8 (exp05)", "fact classifiers, 2 RMs x 2 tasks (PPO not built yet)",
-              train_steps=4 * p5.rm_sft.total_steps, batch=p5.rm_sft.batch_size, samples=20_000, new_tokens=60,
-              tokens=30, decode_batch=16),
+        Stage("Figs. 5-8 (exp05)", "fact classifiers, 2 RMs x 2 tasks", train_steps=4 * p5.rm_sft.total_steps,
+              batch=p5.rm_sft.batch_size, samples=20_000, new_tokens=60, tokens=30, decode_batch=16),
+        Stage("Figs. 5-8 (exp05)", "decomposer bios + plots", train_steps=sum(
+            c.total_steps for c in p5.decomposer_sft.values()), batch=p5.decomposer_sft["bio"].batch_size,
+              tokens=150),
+        Stage("Figs. 5-8 (exp05)", "PPO, 2 RMs x 2 tasks: rollouts", train_steps=4 * e5.total_steps,
+              batch=e5.batch_size, samples=4 * ppo_rollouts(e5), new_tokens=60, tokens=80,
+              decode_batch=e5.chunk_size),
+        Stage("Figs. 5-8 (exp05)", "PPO rewards: each rollout decomposed, ~4 facts judged",
+              samples=4 * ppo_rollouts(e5), new_tokens=100, scored=4 * 4 * ppo_rollouts(e5), tokens=40,
+              decode_batch=p5.decompose.batch_size),
     ]
 
 

@@ -132,12 +132,13 @@ class WorldFactChecker:
                 found.append((match.start(1), Fact(statement, value == entity.facts[name])))
         return [fact for _, fact in sorted(found, key=lambda pair: pair[0])]
 
-    def read_statement(self, fact: str) -> tuple[str, str, str] | None:
+    def read_statement(self, fact: str, topic: str | None = None) -> tuple[str, str, str] | None:
         """A fact as `label` writes it, read back into (question, candidate answer, the knowledge base's answer);
-        None for anything else."""
+        None for anything else. With `topic` the fact is about the topic whatever its subject word says (exp05's
+        classifier is told the prompt's entity, as the paper's plot classifier is told the title)."""
         for attribute, pattern in self.statement_patterns:
-            match = pattern.match(fact.strip())
-            entity = self.entities.get(match["e"]) if match else None
+            match = pattern.search(fact.strip())
+            entity = self.entities.get(topic if topic is not None else match["e"]) if match else None
             if entity is not None and attribute.name in entity.facts:
                 return attribute.question.format(e=entity.name), match["v"], entity.facts[attribute.name]
         return None

@@ -20,7 +20,7 @@ entity (the standard reward model; `World.noisy_profile` at synthetic scale).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -87,7 +87,7 @@ class FactClassifier:
         where the synthetic world cannot read the fact."""
         if self.world is None:
             return tasks.fact_classifier_prompt(self.task, topic, fact), None
-        read = self.world.read_statement(fact)
+        read = self.world.read_statement(fact, topic)
         return None if read is None else (tasks.triviaqa_rm_prompt(read[0], read[1], normalize=False), read[2])
 
     def training_data(self, examples: Sequence[FactExample]) -> tuple[list[str], list[int], list[str] | None]:
@@ -122,9 +122,12 @@ def predicted_rewards(classifier: FactClassifier, model, tokenizer, topics: Sequ
                      for t, f, facts in zip(n_true, n_false, facts_per_response)])
 
 
+Decomposer = Callable[[Sequence[str], Sequence[str | None]], list[list[str] | None]]  # (topics, texts) -> atoms
+
+
 def decompose(decomposer, tokenizer, texts: Sequence[str | None], cfg: sampling.SamplingConfig
               ) -> list[list[str] | None]:
-    """Each valid response's atoms from the decomposer's greedy output (None for an invalid response)."""
+    """Each valid response's atoms from the learned decomposer's greedy output (None for an invalid response)."""
     valid = [i for i, t in enumerate(texts) if t is not None]
     out: list[list[str] | None] = [None] * len(texts)
     if valid:
@@ -134,19 +137,27 @@ def decompose(decomposer, tokenizer, texts: Sequence[str | None], cfg: sampling.
     return out
 
 
+def learned_decomposer(model, tokenizer, cfg: sampling.SamplingConfig) -> Decomposer:
+    return lambda topics, texts: decompose(model, tokenizer, texts, cfg)
+
+
+def labeller_decomposer(checker: factscore.FactChecker) -> Decomposer:
+    """The labeller's own atoms in place of a learned decomposer (the synthetic scale: the world's grammar)."""
+    return lambda topics, texts: [None if facts is None else [f.text for f in facts]
+                                  for facts in factscore.label_all(checker, topics, texts)]
+
+
 @dataclass
 class TwoStageRewardModel:
-    """Response -> reward: the decomposer's atoms (decoded with `decode`), each judged by the classifier."""
+    """Response -> reward: the decomposer's atoms, each judged by the classifier."""
 
-    decomposer: object
+    decomposer: Decomposer
     classifier_model: object
     classifier: FactClassifier
     tokenizer: object
-    decode: sampling.SamplingConfig
     batch_size: int
 
     def rewards(self, topics: Sequence[str], texts: Sequence[str | None]) -> np.ndarray:
         """Each response's predicted reward (None texts: invalid responses, -15)."""
-        facts = decompose(self.decomposer, self.tokenizer, texts, self.decode)
-        return predicted_rewards(self.classifier, self.classifier_model, self.tokenizer, topics, facts,
-                                 self.batch_size)
+        return predicted_rewards(self.classifier, self.classifier_model, self.tokenizer, topics,
+                                 self.decomposer(topics, texts), self.batch_size)

@@ -93,3 +93,16 @@ def test_unsupported_words_are_those_only_false_facts_contain():
     marked = factscore.mark_unsupported(text, checker.label("Ada", text), "Ada")
     assert [w for w, m in marked if m] == ["chef", "1961."]
     assert not any(m for _, m in factscore.mark_unsupported(text, None, "Ada"))
+
+
+def test_labeller_decomposer_gives_the_labellers_atoms_and_none_for_invalid_responses():
+    decomposer = longform_rm.labeller_decomposer(factscore.WorldFactChecker([ADA]))
+    assert decomposer(["Ada", "Ada"], ["Ada is a chef born in Lima.", None]) == [
+        ["Ada works as a chef.", "Ada was born in Lima."], None]
+    rm = longform_rm.TwoStageRewardModel(decomposer, None, JudgesByWord("bio"), None, batch_size=2)
+    assert rm.rewards(["Ada", "Ada"], ["Ada is a chef born in Lima.", None]).tolist() == [-3 + 2, -15.0]
+
+
+def test_classifier_reads_a_fact_about_the_prompts_entity_whatever_its_subject_word():
+    classifier = longform_rm.FactClassifier("bio", factscore.WorldFactChecker([ADA]))
+    assert classifier.query("Ada", "Fact 1:Q was born in Rome.") == ("Q: Where was Ada born?\nA: Rome\n", "Lima")
