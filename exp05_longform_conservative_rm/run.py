@@ -221,7 +221,7 @@ def table_claim(task: str, fractions: dict[str, float]) -> results.Claim:
 
 @dataclass
 class TaskResult:
-    frames: dict  # method -> one row per evaluation response (label_responses)
+    frames: dict  # method -> one row per evaluation response (label_responses); None: not trained
     labels: dict  # method -> each response's labelled facts
     extra: dict
     claims: list
@@ -307,7 +307,7 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> TaskResul
             log.warning("%s: no fact for the %s reward model to learn from; it predicts NaN and trains no "
                         "policy", task, kind)
             frame[f"{kind}_reward"] = np.nan
-            frames[f"rl_{kind}"], labels[f"rl_{kind}"] = frames["sft"], labels["sft"]
+            frames[f"rl_{kind}"] = labels[f"rl_{kind}"] = None
             continue
         model = reward_model.train(base, cfg.lora, cfg.rm_sft, fact_prompts, rewards, f"{task}_rm_{kind}", run,
                                    seed=run_args.seed, resume=run_args.resume, recalled=recalled,
@@ -345,17 +345,18 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> TaskResul
     table = summarize_by_bin(frame, "unfamiliarity", bins, ["true_reward", "conservative_reward", "standard_reward"])
     run.write_csv(f"{task}_rewards.csv", table)
     plotting.predicted_reward_lines(table, task, run.path(f"{task}_rewards.png"))
-    for method in METHODS:
+    trained = [m for m in METHODS if frames[m] is not None]
+    for method in trained:
         run.write_csv(f"{task}_{method}_responses.csv", frames[method])
-    fractions = {m: float(frames[m].frac_true.mean()) for m in METHODS}
-    extra = {"fraction_true": fractions, "valid": {m: float(frames[m].valid.mean()) for m in METHODS}}
+    fractions = {m: float(frames[m].frac_true.mean()) if m in trained else float("nan") for m in METHODS}
+    extra = {"fraction_true": fractions, "valid": {m: float(frames[m].valid.mean()) for m in trained}}
     return TaskResult(frames, labels, extra, fig5_claims(task, table) + [table_claim(task, fractions)])
 
 
 def facts_by_method(frames: dict, bins: Bins) -> pd.DataFrame:
     """Fig. 7's data: true / false facts (and the fraction true) by unfamiliarity bin, one block per method."""
     return pd.concat([summarize_by_bin(frames[m], "unfamiliarity", bins, FACT_COLUMNS).assign(method=m)
-                      for m in METHODS], ignore_index=True)
+                      for m in METHODS if frames[m] is not None], ignore_index=True)
 
 
 def fig8_cells(result: TaskResult, n_entities: int = 3) -> tuple[pd.DataFrame, list[dict]]:
@@ -369,6 +370,8 @@ def fig8_cells(result: TaskResult, n_entities: int = 3) -> tuple[pd.DataFrame, l
         i = int(np.argmin(np.abs(score - target) + np.isin(np.arange(len(score)), chosen) * np.inf))
         chosen.append(i)
         for method, row in (("sft", "Standard SFT"), ("rl_conservative", "RL+Conservative RM")):
+            if result.frames[method] is None:
+                continue
             frame, facts = result.frames[method], result.labels[method][i]
             topic, response = frame.topic.iloc[i], tasks.strip_eos(frame.response.iloc[i])
             title = f"{topic} (unfamiliarity {score[i]:.1f})"

@@ -202,7 +202,8 @@ def test_exp05_micro_run_labels_responses_compares_the_reward_models_and_trains_
         assert rl.topic.tolist() == frame.topic.tolist()
         assert fractions.loc[task, "rl_standard"] == pytest.approx(rl.frac_true.mean())
         table = pd.read_csv(tmp_path / f"{task}_facts.csv")
-        assert set(table.method) == {"sft", "rl_standard", "rl_conservative"}
+        assert set(table.method) == {"sft", "rl_standard"}  # no conservative RM, no policy trained with it
+        assert not (tmp_path / f"{task}_rl_conservative_responses.csv").exists()
         assert (table.groupby("method")["count"].sum() == len(frame)).all()
         assert {"n_true_mean", "n_false_mean", "frac_true_mean"} <= set(table.columns)
         curves = pd.read_csv(tmp_path / f"{task}_rl_standard_curves.csv")
@@ -216,5 +217,5 @@ def test_exp05_micro_run_labels_responses_compares_the_reward_models_and_trains_
         assert (tmp_path / f"{task}_rewards.png").exists()
         assert {"true_reward_mean", "standard_reward_mean"} <= set(pd.read_csv(tmp_path / f"{task}_rewards.csv"))
     fig8 = pd.read_csv(tmp_path / "fig8_responses.csv")
-    assert len(fig8) == 6 and set(fig8.method) == {"sft", "rl_conservative"}
+    assert len(fig8) == 3 and set(fig8.method) == {"sft"} and fig8.topic.nunique() == 3
     assert (tmp_path / "fig7_facts.png").exists() and (tmp_path / "fig8_responses.png").exists()
