@@ -113,8 +113,12 @@ PRESETS = {
         # (predicted -2.8 against 5.0 in the most familiar bin), and PPO with it dropped true facts there.
         rm_sampling=sampling.SamplingConfig(max_new_tokens=24, temperature=1.0, num_samples=16, batch_size=128),
         decomposer="labeller",
+        # exp03's synthetic PPO; the KL coefficient by measurement (seed 0, bios, RL + conservative RM, true / false
+        # facts per response in the most familiar and the most unfamiliar bin, SFT 3.53 / 0.47 and 0.89 / 2.67):
+        # beta 0.1 collapses every response to a fact-free string (0.99 / 0.11, 0.22 / 0.33), beta 0.5 keeps the
+        # SFT model's (3.62 / 0.38, 0.78 / 3.22), beta 0.2 drops mostly the false facts (3.17 / 0.38, 0.56 / 1.11).
         ppo=ppo.PPOConfig(lr=3e-3, eta_min=3e-3, cliprange=0.2, total_steps=480, num_rollouts=512, chunk_size=256,
-                          batch_size=128, ppo_epochs=4, vf_only_steps=16, init_kl_coef=0.1, max_new_tokens=24,
+                          batch_size=128, ppo_epochs=4, vf_only_steps=16, init_kl_coef=0.2, max_new_tokens=24,
                           checkpoint_every=160, eval_every=80)),
     "micro": Exp5Config(
         sft={"bio": sft.MICRO_SFT, "plot": sft.MICRO_SFT}, lora=models.MICRO_LORA,
