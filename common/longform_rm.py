@@ -3,7 +3,8 @@ classifier trained on facts labelled FActScore-style, and the response reward 2 
 judged false), 0 without facts, -15 for an invalid response.
 
 The decomposer is the base model plus a LoRA adapter, SFT'd from the bare response to " Fact 1: {atom}\nFact 2:
-{atom}..." (the labeller's atoms) and read greedily (`parse_decomposition`); both reward models share it.
+{atom}..." (the labeller's atoms) and read greedily (`parse_decomposition`); both reward models share it. At
+synthetic scale the labeller's own atoms stand in for it (`labeller_decomposer`; exp05 README says why).
 
 The classifier is `common.reward_model` on one fact at a time:
 - paper scale: the paper's prompts (bios "{fact} Is the answer to the question correct?", plots 'Is the following a
