@@ -371,7 +371,7 @@ def fig8_cells(result: TaskResult, n_entities: int = 3) -> tuple[pd.DataFrame, l
     wanted = np.linspace(score.min(), score.max(), n_entities)
     rows, cells, chosen = [], [], []
     for target in wanted:
-        i = int(np.argmin(np.abs(score - target) + np.isin(np.arange(len(score)), chosen) * np.inf))
+        i = int(np.argmin(np.where(np.isin(np.arange(len(score)), chosen), np.inf, np.abs(score - target))))
         chosen.append(i)
         for method, row in (("sft", "Standard SFT"), ("rl_conservative", "RL+Conservative RM")):
             if result.frames[method] is None:

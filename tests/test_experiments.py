@@ -134,3 +134,12 @@ def test_exp05_table_claim_is_the_smaller_of_its_two_margins():
     assert c.id == "table.bio.order" and c.value == pytest.approx(0.05) and c.passed  # margins 0.10 and 0.05
     c = exp05.table_claim("plot", {"sft": 0.65, "rl_standard": 0.5, "rl_conservative": 0.7})
     assert c.value == pytest.approx(-0.05) and not c.passed  # 0.7 - 0.65 - 0.10
+
+
+def test_exp05_fig8_takes_distinct_entities_nearest_to_low_middle_and_high_unfamiliarity():
+    frame = pd.DataFrame({"topic": list("abcde"), "unfamiliarity": [0.0, 0.0, 1.5, 4.0, 2.2],
+                          "response": ["x."] * 5})
+    result = exp05.TaskResult({"sft": frame, "rl_conservative": frame}, {"sft": [None] * 5,
+                              "rl_conservative": [None] * 5}, {}, [])
+    rows, cells = exp05.fig8_cells(result)
+    assert rows.topic.tolist() == ["a", "a", "e", "e", "d", "d"] and len(cells) == 6
