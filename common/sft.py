@@ -212,9 +212,11 @@ def finetune_lora(base, lora, cfg: SFTConfig, prompts: Sequence[str], responses:
     """Add a fresh LoRA adapter to `base.model` and SFT it on the pairs, or load the finished adapter from the
     cache (keyed by the base model, every setting and every pair); `at_step` then puts an earlier checkpoint's
     weights in (the checkpoint rule). Returns the adapted model; call `.unload()` on it to get the untouched base
-    back for the next variant."""
+    back for the next variant. Its `adapter_key` (the cache folder's name) names the finetuned model in the keys of
+    what is built on it."""
     model = models.add_lora(base.model, lora, seed=seed)
     out_dir = adapter_dir(base, lora, cfg, prompts, responses, seed)
+    model.adapter_key = out_dir.name
     run.cache_hits[f"sft_{name}"] = training.is_finished(out_dir, cfg)
     with run.stage(f"sft_{name}"):
         history = train_sft(model, base.tokenizer, prompts, responses, cfg, out_dir, seed=seed, resume=resume,

@@ -106,10 +106,9 @@ def rl_policy(base: models.Base, cfg: Exp3Config, sft_cfg: sft.SFTConfig, prompt
     untouched for the next policy."""
     sft_lora = models.with_format_tokens(cfg.lora, base.tokenizer, formats) if cfg.train_format_tokens else cfg.lora
     model = sft.finetune_lora(base, sft_lora, sft_cfg, prompts, targets, name, run, seed=seed, resume=resume)
-    init_key = sft.adapter_dir(base, sft_lora, sft_cfg, prompts, targets, seed).name
     start = models.merged_copy(model)
     base.model = model.unload()
-    return models.add_lora(start, cfg.lora, seed=seed), init_key
+    return models.add_lora(start, cfg.lora, seed=seed), model.adapter_key
 
 
 def train_policy(policy, init_key: str, tokenizer, prompts: list[str], score, cfg: Exp3Config, task: str,

@@ -188,7 +188,6 @@ def learned_decomposer(base, cfg: Exp5Config, task: str, sampled: list, sampled_
             if cfg.train_format_tokens else cfg.lora)
     model = sft.finetune_lora(base, lora, cfg.decomposer_sft[task], inputs, targets, f"{task}_decomposer", run,
                               seed=run_args.seed, resume=run_args.resume)
-    key = sft.adapter_dir(base, lora, cfg.decomposer_sft[task], inputs, targets, run_args.seed).name
     decomposer = longform_rm.learned_decomposer(models.merged_copy(model), base.tokenizer, cfg.decompose)
     base.model = model.unload()
     texts = [tasks.longform_text(task, r) for r in frame.response]
@@ -201,7 +200,7 @@ def learned_decomposer(base, cfg: Exp5Config, task: str, sampled: list, sampled_
         "labelled": [" | ".join(eval_facts[i]) for i in valid],
         "decomposed": [" | ".join(decomposed[i]) for i in valid], "exact": exact}))
     run.extra[f"{task}_decomposer_exact"] = float(np.mean(exact)) if valid else None
-    return key, decomposer
+    return model.adapter_key, decomposer
 
 
 def fig5_claims(task: str, table: pd.DataFrame) -> list[results.Claim]:
@@ -270,7 +269,7 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> TaskResul
             if cfg.train_format_tokens else cfg.lora)
     policy = sft.finetune_lora(base, lora, cfg.sft[task], prompts, targets, f"{task}_sft", run,
                                seed=run_args.seed, resume=run_args.resume)
-    init_key = sft.adapter_dir(base, lora, cfg.sft[task], prompts, targets, run_args.seed).name
+    init_key = policy.adapter_key
     frames, labels = {}, {}
     with run.stage(f"{task}_evaluate_sft"):
         frames["sft"], labels["sft"] = evaluate(policy)
@@ -316,8 +315,7 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> TaskResul
         model = reward_model.train(base, cfg.lora, cfg.rm_sft, fact_prompts, rewards, f"{task}_rm_{kind}", run,
                                    seed=run_args.seed, resume=run_args.resume, recalled=recalled,
                                    words=classifier.verdicts)
-        classifier_key = sft.adapter_dir(base, cfg.lora, cfg.rm_sft, fact_prompts, reward_model.targets(
-            rewards, recalled, classifier.verdicts), run_args.seed).name
+        classifier_key = model.adapter_key
         with run.stage(f"{task}_rm_{kind}_predict"):
             frame[f"{kind}_reward"] = longform_rm.predicted_rewards(classifier, model, base.tokenizer,
                                                                     frame.topic.tolist(), eval_facts,

@@ -136,8 +136,7 @@ def starting_policy(base, pool: list[tasks.QAQuestion], cfg: Exp6Config, run, ru
                                      [simplefact.synthetic_response([simplefact.UNKNOWN], None)])
     model = sft.finetune_lora(base, lora, cfg.cold_start, prompts, targets, "cold_start", run,
                               seed=run_args.seed, resume=run_args.resume)
-    key = sft.adapter_dir(base, lora, cfg.cold_start, prompts, targets, run_args.seed).name
-    return models.merge_lora(model), key
+    return models.merge_lora(model), model.adapter_key
 
 
 # ---------------------------------------------------------------------------------------------------------------

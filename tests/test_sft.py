@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from common import models, sft, training
+from common import cache, models, results, sft, training
 from conftest import tiny_llama
 
 
@@ -136,3 +136,20 @@ def test_checkpoint_losses_score_each_checkpoint_on_the_held_out_pairs(tiny_toke
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert losses[20] == pytest.approx(sft.response_loss(logits, batch["labels"]).item(), rel=1e-5)
 
+
+
+def test_finetune_lora_names_the_model_by_its_cache_folder_and_loads_it_the_second_time(tiny_tokenizer, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    base = models.Base(tiny_llama(tiny_tokenizer, hidden=16, init_std=0.3), tiny_tokenizer, key="tiny")
+    run = results.Run(tmp_path / "out", "test", "synthetic", "micro", 0)
+    cfg = sft.SFTConfig(lr=1e-3, batch_size=2, total_steps=2, t_max=2, eta_min=1e-3, checkpoint_every=2)
+    model = sft.finetune_lora(base, models.MICRO_LORA, cfg, PROMPTS, RESPONSES, "x", run, seed=0)
+    assert model.adapter_key == sft.adapter_dir(base, models.MICRO_LORA, cfg, PROMPTS, RESPONSES, 0).name
+    assert (cache.cache_root() / "sft" / model.adapter_key).is_dir() and not run.cache_hits["sft_x"]
+    base.model = model.unload()
+    again = sft.finetune_lora(base, models.MICRO_LORA, cfg, PROMPTS, RESPONSES, "x", run, seed=0)
+    assert again.adapter_key == model.adapter_key and run.cache_hits["sft_x"]
+    base.model = again.unload()
+    other = sft.finetune_lora(base, models.MICRO_LORA, cfg, PROMPTS, RESPONSES, "x", run, seed=1)
+    assert other.adapter_key != model.adapter_key
