@@ -13,6 +13,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria
 
+from common import training
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -72,6 +74,7 @@ def generate_ids(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, 
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         use_cache=True,
+        synced_gpus=training.is_sharded(model),  # every process's layers take part in every forward pass
     )
     if not greedy:
         gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)

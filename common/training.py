@@ -48,6 +48,65 @@ def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(values, means.tolist()))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Sharding (FSDP2): a model too large to hold whole on every process, e.g. exp06's Qwen2.5-32B
+
+def shard(model) -> None:
+    """Shard `model` (a causal LM, or a peft model around one) over the processes with torch's FSDP2, in place:
+    each decoder layer is one unit, the LM (embeddings, final norm, head) the root, so `generate`, which calls
+    the LM's forward, gathers every layer as it goes. FSDP2 directly, not accelerate's FSDP plugin: accelerate
+    ignores the plugin on CPU (measured: `Accelerator(cpu=True, fsdp_plugin=...)` wraps the model in DDP), and
+    the tests run on CPU; the plugin calls the same `fully_shard`. Gradients are averaged over the processes, as
+    DDP's are."""
+    from torch.distributed.fsdp import fully_shard
+
+    accelerator()  # the process group
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    units = tuple(getattr(lm, "_no_split_modules", None) or ())
+    layers = [m for m in lm.modules() if type(m).__name__ in units]
+    if not layers:
+        raise ValueError(f"cannot shard {type(lm).__name__}: it names no decoder layer class (_no_split_modules)")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(lm)
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def local(value: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor (DTensor) as the whole tensor, on every process; any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def full_state(model, optimizer) -> dict:
+    """The trained weights and the optimizer state of a sharded model, gathered whole onto the main process (the
+    others get empty dicts): `save_checkpoint`'s `weights` and `optimizer_state`. Every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    return {"weights": weights, "optimizer_state": optimizer_state}
+
+
+def _load_sharded(model, optimizer, weights: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+    """Whole tensors (as `full_state` gathered them, read by every process) into a sharded model and optimizer.
+    A peft adapter file names its tensors without the adapter's name ("lora_A.weight" for the model's
+    "lora_A.default.weight")."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    adapter = model.active_adapter if hasattr(model, "get_base_model") else None
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    weights = {n: weights[n.replace(f".{adapter}.", ".") if adapter else n] for n in names}
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 def make_optimizer(params, cfg):
     """AdamW with a per-step CosineAnnealingLR (SPEC.md 0.3), from any config with lr, betas, eps, weight_decay,
     t_max and eta_min."""
@@ -59,6 +118,7 @@ def make_optimizer(params, cfg):
 def check_finite(value: torch.Tensor, desc: str, step: int, last_good: Path | None, what: str = "loss") -> None:
     """Stop at a NaN or infinite loss (or gradient norm, before the optimizer steps on it), naming the step and the
     checkpoint to go back to."""
+    value = local(value)
     if not torch.isfinite(value):
         raise FloatingPointError(f"{desc}: {what} is {value.item()} at step {step}; "
                                  f"last good checkpoint: {last_good or 'none'}")
@@ -90,17 +150,20 @@ def is_finished(out_dir: Path, cfg) -> bool:
 
 def save_checkpoint(model, optimizer, scheduler, step: int, history: list[dict], out_dir: Path,
                     modules: dict[str, torch.nn.Module] | None = None, loop_state: Any = None,
-                    keep_last: int | None = None) -> Path:
+                    keep_last: int | None = None, weights: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
     """Write into a temp folder, then rename: a crash mid-save never leaves a checkpoint that looks complete.
     `modules` are extra trained parts saved beside the weights (PPO's value head); `loop_state` is whatever the
     training loop needs to continue exactly (its prompt order, its numpy generator); `keep_last` prunes older
-    checkpoints (a fully finetuned 7B model with its optimizer state is about 45 GB each)."""
+    checkpoints (a fully finetuned 7B model with its optimizer state is about 45 GB each). A sharded model passes
+    its gathered `weights` and `optimizer_state` (`full_state`)."""
     final = checkpoint_path(out_dir, step)
     tmp = Path(out_dir) / f".tmp-checkpoint-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / WEIGHTS)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    model.save_pretrained(tmp / WEIGHTS, state_dict=weights)
+    torch.save({"step": step, "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                "scheduler": scheduler.state_dict(),
                 "history": history, "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "loop_state": loop_state,
                 "modules": {k: m.state_dict() for k, m in (modules or {}).items()}}, tmp / "trainer_state.pt")
@@ -126,17 +189,23 @@ def begin(model, optimizer, scheduler, out_dir: Path, cfg, resume: bool, desc: s
     return step, history, loop_state, last_good
 
 
-def load_weights(model, ckpt: Path) -> None:
-    """Put a checkpoint's trained weights (a peft adapter or the whole model) into `model`."""
+def saved_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """A checkpoint's trained weights and whether they are a peft adapter (else the whole model)."""
     from safetensors.torch import load_file
 
     adapter = Path(ckpt) / WEIGHTS / "adapter_model.safetensors"
-    if adapter.exists():
+    return load_file(adapter if adapter.exists() else Path(ckpt) / WEIGHTS / "model.safetensors"), adapter.exists()
+
+
+def load_weights(model, ckpt: Path) -> None:
+    """Put a checkpoint's trained weights (a peft adapter or the whole model) into an unsharded `model`."""
+    weights, is_adapter = saved_weights(ckpt)
+    if is_adapter:
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(adapter))
+        set_peft_model_state_dict(model, weights)
     else:
-        model.load_state_dict(load_file(Path(ckpt) / WEIGHTS / "model.safetensors"), strict=False)
+        model.load_state_dict(weights, strict=False)
 
 
 def uniform_step(losses: dict[str, dict[int, float]]) -> int:
@@ -151,10 +220,14 @@ def uniform_step(losses: dict[str, dict[int, float]]) -> int:
 
 def load_checkpoint(model, optimizer, scheduler, ckpt: Path, modules: dict[str, torch.nn.Module] | None = None
                     ) -> tuple[int, list[dict], Any]:
-    """Restore everything `save_checkpoint` wrote; returns (step, history, loop_state)."""
-    load_weights(model, ckpt)
+    """Restore everything `save_checkpoint` wrote; returns (step, history, loop_state). Every process of a
+    sharded model must call it."""
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(model):
+        _load_sharded(model, optimizer, saved_weights(ckpt)[0], state["optimizer"])
+    else:
+        load_weights(model, ckpt)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():  # rollouts sample on the GPU

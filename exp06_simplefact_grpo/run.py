@@ -78,7 +78,7 @@ PRESETS = {
         filter_keep=400, filter_score="reward", eval_questions=480, sample_batch_size=64),
     "micro": Exp6Config(
         grpo=grpo.GRPOConfig(lr=1e-3, eta_min=1e-3, total_steps=2, prompts_per_step=2, group_size=3,
-                             minibatch_size=3, max_new_tokens=6, checkpoint_every=1, eval_every=1,
+                             minibatch_size=6, max_new_tokens=6, checkpoint_every=1, eval_every=1,
                              sample_batch_size=4),
         cold_start=sft.MICRO_SFT, lora=models.MICRO_LORA,
         base_samples=unfamiliarity.QAScoringSettings(n_samples=3, max_new_tokens=4, batch_size=32),
@@ -289,6 +289,9 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", help="paper scale: the Hub id or a folder")
     parser.add_argument("--full-finetune", action=argparse.BooleanOptionalAction, default=None,
                         help="train every weight (round 2) instead of a LoRA adapter (round 1); default: the preset's")
+    parser.add_argument("--shard", action="store_true",
+                        help="under several processes, shard the GRPO policy with FSDP2 instead of replicating it "
+                             "(round 1's 32B model; one --setting per run)")
     parser.add_argument("--data", type=Path, default=None,
                         help="paper scale: a folder with one subfolder of <split>.jsonl files per source "
                              f"({', '.join(data.SIMPLEFACT_SOURCES)}) instead of the Hub")
@@ -298,6 +301,10 @@ def main(argv=None) -> None:
     if args.full_finetune is not None:
         cfg = replace(cfg, full_finetune=args.full_finetune)
     settings = list(simplefact.SETTINGS) if args.setting == "all" else [args.setting]
+    if args.shard:
+        if len(settings) > 1:  # a sharded model cannot give back the untouched start the next setting needs
+            raise SystemExit("error: --shard trains one setting per run; pass --setting fact|caution|both|...")
+        cfg = replace(cfg, grpo=replace(cfg.grpo, shard=True))
     run = results.Run(run_args.out, EXPERIMENT, run_args.scale, run_args.preset, run_args.seed,
                       config=asdict(cfg) | {"settings": settings, "filter": args.filter})
 

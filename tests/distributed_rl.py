@@ -8,9 +8,12 @@ process, `torchrun --nproc_per_node 2 tests/distributed_rl.py MODE OUT` two.
 - `grpo_train`, `ppo_train`: two rollout steps of `grpo.train_grpo`, two rounds of `ppo.train_ppo`; every process
   writes which questions it scored, a digest of its trained weights and its history (the test's own evidence,
   beside what the run writes through the main process).
+- `grpo_train_sharded`: `grpo_train` with the policy sharded (FSDP2) instead of DDP; then, in `resumed/`, the
+  same run stopped after one step and resumed from its checkpoint by a freshly built, freshly sharded policy.
 """
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -100,13 +103,13 @@ def ppo_update(out: Path) -> None:
 
 def evidence(out: Path, policy, scored: list, history) -> None:
     rank = training.accelerator().process_index
-    digest = sum(float(p.detach().double().sum()) for p in policy.parameters() if p.requires_grad)
+    digest = sum(float(training.local(p.detach()).double().sum()) for p in policy.parameters() if p.requires_grad)
     (out / f"rank{rank}.json").write_text(json.dumps({"scored": scored, "digest": digest,
                                                       "history": [{k: v for k, v in row.items() if v == v}  # no NaN
                                                                   for row in history.to_dict("records")]}))
 
 
-def grpo_train(out: Path) -> None:
+def grpo_train(out: Path, cfg: grpo.GRPOConfig = CFG, resume: bool = False) -> None:
     policy, tokenizer = tiny_policy()
     rank = training.accelerator().process_index
     scored = []
@@ -116,9 +119,16 @@ def grpo_train(out: Path) -> None:
         return [float("Paris" in r) for r in responses]
 
     prompts = [f"Where was {n} born?" for n in NAMES]
-    history = grpo.train_grpo(policy, tokenizer, prompts, reward, CFG, out / "grpo", seed=0,
+    history = grpo.train_grpo(policy, tokenizer, prompts, reward, cfg, out / "grpo", seed=0, resume=resume,
                               evaluate=lambda step: {"evaluated_by": rank})
     evidence(out, policy, scored, history)
+
+
+def grpo_train_sharded(out: Path) -> None:
+    sharded = replace(CFG, shard=True)
+    grpo_train(out, sharded)
+    grpo_train(out / "resumed", replace(sharded, total_steps=1))
+    grpo_train(out / "resumed", sharded, resume=True)
 
 
 def ppo_train(out: Path) -> None:
@@ -139,7 +149,8 @@ def ppo_train(out: Path) -> None:
 if __name__ == "__main__":
     mode, folder = sys.argv[1], Path(sys.argv[2])
     folder.mkdir(parents=True, exist_ok=True)
-    modes = {"grpo_update": grpo_update, "ppo_update": ppo_update, "grpo_train": grpo_train, "ppo_train": ppo_train}
+    modes = {"grpo_update": grpo_update, "ppo_update": ppo_update, "grpo_train": grpo_train, "ppo_train": ppo_train,
+             "grpo_train_sharded": grpo_train_sharded}
     modes[mode](folder)
     if torch.distributed.is_initialized():  # leave together: a process exiting mid-teardown aborts gloo
         torch.distributed.barrier()

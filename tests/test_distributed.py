@@ -97,6 +97,31 @@ def test_grpo_under_two_processes_scores_whole_groups_once_keeps_weights_in_step
 
 
 @needs_torchrun
+def test_grpo_sharded_over_two_processes_trains_as_ddp_writes_once_and_resumes_exactly(tmp_path):
+    """FSDP2 (`GRPOConfig.shard`): the same samples, rewards and updates as DDP, each process holding half of every
+    weight; both processes evaluate (every forward pass needs both) but the main process alone writes; a run
+    stopped after one step and resumed by a fresh sharded policy ends where the uninterrupted one does."""
+    launch(TWO, "distributed_rl.py", "grpo_train", tmp_path / "ddp")
+    launch(TWO, "distributed_rl.py", "grpo_train_sharded", tmp_path / "fsdp")
+    ddp, fsdp, resumed = (per_rank_evidence(tmp_path / out) for out in ("ddp", "fsdp", "fsdp/resumed"))
+    assert [r["scored"] for r in fsdp] == [r["scored"] for r in ddp]  # the same prompts on the same processes
+    for key in ("reward", "informative_groups", "response_tokens"):
+        assert [h[key] for h in fsdp[0]["history"][1:]] == pytest.approx([h[key] for h in ddp[0]["history"][1:]])
+    assert fsdp[0]["digest"] == pytest.approx(ddp[0]["digest"], abs=1e-5)
+    assert fsdp[1]["digest"] == pytest.approx(fsdp[0]["digest"], abs=1e-9)  # gathered from the same shards
+    assert {h["evaluated_by"] for r in fsdp for h in r["history"] if "evaluated_by" in h} == {0, 1}
+    run = tmp_path / "fsdp" / "grpo"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
+    saved, written = (load_file(d / "checkpoint-000002" / "weights" / "adapter_model.safetensors")
+                      for d in (tmp_path / "ddp" / "grpo", run))
+    assert saved.keys() == written.keys()  # the whole adapter, under peft's names, as the unsharded run writes it
+    for name in saved:
+        assert (saved[name] - written[name]).abs().max() < 1e-5, name
+    assert resumed[0]["digest"] == pytest.approx(fsdp[0]["digest"], abs=1e-6)
+    assert [h["reward"] for h in resumed[0]["history"][1:]] == [h["reward"] for h in fsdp[0]["history"][1:]]
+
+
+@needs_torchrun
 def test_ppo_under_two_processes_collects_every_other_prompt_keeps_weights_in_step_and_writes_once(tmp_path):
     launch(TWO, "distributed_rl.py", "ppo_train", tmp_path)
     ranks = per_rank_evidence(tmp_path)

@@ -1,6 +1,7 @@
 """Subprocess smoke runs of every entry point at --preset micro (seconds each; no claim is expected to hold)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -172,6 +173,32 @@ def test_exp06_paper_path_micro_run_on_a_chat_model_and_the_four_sources(tmp_pat
     assert manifest["scale"] == "paper" and "cold_start" not in str(manifest["timings_s"])
     table = pd.read_csv(tmp_path / "out" / "decomposition_both.csv")
     assert table.step.tolist() == [0, 1, 2]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun (torch's launcher) is not on PATH")
+def test_exp06_round1_sharded_under_two_processes(tmp_path):
+    """Round 1's launch (`--shard`: the policy in FSDP2 across the processes), on the tiny chat model and 2 CPU
+    processes: GRPO trains, checkpoints once per step and the results are written."""
+    tiny_chat_model(tmp_path / "model")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "UNFAMILIAR_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "exp06_simplefact_grpo/run.py",
+                           "--scale", "paper", "--allow-cpu", "--setting", "both", "--shard", "--no-full-finetune",
+                           "--model", str(tmp_path / "model"), "--data", str(ROOT / "tests/fixtures/simplefact"),
+                           "--preset", "micro", "--out", str(tmp_path / "out")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["config"]["grpo"]["shard"] is True
+    assert pd.read_csv(tmp_path / "out" / "decomposition_both.csv").step.tolist() == [0, 1, 2]
+    (run,) = (tmp_path / "cache" / "grpo").iterdir()
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
+
+
+def test_exp06_shard_needs_one_setting(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "exp06_simplefact_grpo/run.py", "--scale", "synthetic", "--shard",
+                           "--preset", "micro", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: --shard trains one")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the paper scale runs for real")

@@ -52,6 +52,7 @@ class GRPOConfig:
     checkpoint_every: int = 50  # rollout steps
     eval_every: int = 20
     keep_checkpoints: int | None = None  # prune all but the last N (a fully finetuned 7B model's are ~45 GB)
+    shard: bool = False  # under several processes, FSDP2 instead of DDP: each holds 1/n of the weights (32B)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,21 +142,29 @@ def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupRew
     Under several processes (accelerate) every process draws the same prompts and keeps every n-th one, whole
     groups: it samples, scores and computes advantages for its own groups and holds 1/n of every minibatch, DDP
     averages the gradients, and the history's statistics are means over all groups. Only the main process
-    evaluates and writes checkpoints."""
+    evaluates and writes checkpoints. With `cfg.shard` the policy (and `reference`) are sharded in place with
+    FSDP2 instead (`training.shard`): every forward pass then involves every process, so all of them sample in
+    step (`synced_gpus`), evaluate and gather the checkpoint, and only the main process keeps and writes them."""
     out_dir = Path(out_dir)
     acc = training.accelerator()
     n_proc = acc.num_processes
     if cfg.prompts_per_step % n_proc or cfg.minibatch_size % n_proc:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} and minibatch_size {cfg.minibatch_size} must "
                          f"split over {n_proc} processes")
+    sharded = cfg.shard and n_proc > 1
+    if sharded:
+        for m in (policy, reference):
+            if m is not None and not training.is_sharded(m):
+                training.shard(m)
     optimizer, scheduler = training.make_optimizer([p for p in policy.parameters() if p.requires_grad], cfg)
     torch.manual_seed(seed)  # a loaded checkpoint restores the RNG it saved
     step, history, loop, last_good = training.begin(policy, optimizer, scheduler, out_dir, cfg, resume, desc)
     order = rollouts.PromptOrder(len(prompts), [seed, 61], loop)
-    model = acc.prepare_model(policy) if n_proc > 1 else policy
+    model = acc.prepare_model(policy) if n_proc > 1 and not sharded else policy
     pad = tokenizer.pad_token_id
+    evaluates = acc.is_main_process or sharded
 
-    if evaluate is not None and step == 0 and acc.is_main_process:
+    if evaluate is not None and step == 0 and evaluates:
         history.append({"step": 0, **evaluate(0)})
     bar = tqdm(total=cfg.total_steps, initial=step, desc=desc, disable=not acc.is_main_process)
     while step < cfg.total_steps:
@@ -189,16 +198,17 @@ def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupRew
         row = {"step": step, "reward": every.mean().item(),
                "informative_groups": (every.std(-1) > 0).float().mean().item(), **means,
                "lr": scheduler.get_last_lr()[0]}
-        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.total_steps) and acc.is_main_process:
+        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.total_steps) and evaluates:
             policy.eval()
             row.update(evaluate(step))
         history.append(row)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row['kl']:.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+            state = training.full_state(policy, optimizer) if sharded else {}
             if acc.is_main_process:
                 training.save_checkpoint(policy, optimizer, scheduler, step, history, out_dir,
-                                         loop_state=order.state(), keep_last=cfg.keep_checkpoints)
+                                         loop_state=order.state(), keep_last=cfg.keep_checkpoints, **state)
             acc.wait_for_everyone()
             last_good = training.checkpoint_path(out_dir, step)
     bar.close()
