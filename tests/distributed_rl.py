@@ -10,7 +10,10 @@ process, `torchrun --nproc_per_node 2 tests/distributed_rl.py MODE OUT` two.
   beside what the run writes through the main process).
 - `grpo_train_sharded`: `grpo_train` with the policy sharded (FSDP2) instead of DDP; then, in `resumed/`, the
   same run stopped after one step and resumed from its checkpoint by a freshly built, freshly sharded policy.
+- `grpo_full`: the same three runs (`ddp/`, `fsdp/`, `fsdp/resumed/`) fully finetuning the model, with a frozen
+  copy of it as the reference.
 """
+import copy
 import json
 import sys
 from dataclasses import replace
@@ -35,14 +38,15 @@ CFG = grpo.GRPOConfig(lr=1e-2, t_max=4, eta_min=1e-2, total_steps=2, prompts_per
                       checkpoint_every=1, eval_every=1)
 
 
-def tiny_policy():
+def tiny_policy(lora: bool = True):
     tokenizer = models.prepare_tokenizer(build_tokenizer([f"Where was {n} born? Paris Rome" for n in NAMES]))
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          initializer_range=0.3)
-    return models.add_lora(LlamaForCausalLM(config), models.LoraSettings(r=4, alpha=8), seed=0), tokenizer
+    model = LlamaForCausalLM(config)
+    return (models.add_lora(model, models.LoraSettings(r=4, alpha=8), seed=0) if lora else model), tokenizer
 
 
 def my_share(tokenizer):
@@ -109,8 +113,9 @@ def evidence(out: Path, policy, scored: list, history) -> None:
                                                                   for row in history.to_dict("records")]}))
 
 
-def grpo_train(out: Path, cfg: grpo.GRPOConfig = CFG, resume: bool = False) -> None:
-    policy, tokenizer = tiny_policy()
+def grpo_train(out: Path, cfg: grpo.GRPOConfig = CFG, resume: bool = False, lora: bool = True) -> None:
+    policy, tokenizer = tiny_policy(lora)
+    reference = None if lora else copy.deepcopy(policy).requires_grad_(False)
     rank = training.accelerator().process_index
     scored = []
 
@@ -120,15 +125,20 @@ def grpo_train(out: Path, cfg: grpo.GRPOConfig = CFG, resume: bool = False) -> N
 
     prompts = [f"Where was {n} born?" for n in NAMES]
     history = grpo.train_grpo(policy, tokenizer, prompts, reward, cfg, out / "grpo", seed=0, resume=resume,
-                              evaluate=lambda step: {"evaluated_by": rank})
+                              evaluate=lambda step: {"evaluated_by": rank}, reference=reference)
     evidence(out, policy, scored, history)
 
 
-def grpo_train_sharded(out: Path) -> None:
-    sharded = replace(CFG, shard=True)
-    grpo_train(out, sharded)
-    grpo_train(out / "resumed", replace(sharded, total_steps=1))
-    grpo_train(out / "resumed", sharded, resume=True)
+def grpo_train_sharded(out: Path, cfg: grpo.GRPOConfig = CFG, lora: bool = True) -> None:
+    sharded = replace(cfg, shard=True)
+    grpo_train(out, sharded, lora=lora)
+    grpo_train(out / "resumed", replace(sharded, total_steps=1), lora=lora)
+    grpo_train(out / "resumed", sharded, resume=True, lora=lora)
+
+
+def grpo_full(out: Path) -> None:
+    grpo_train(out / "ddp", lora=False)
+    grpo_train_sharded(out / "fsdp", lora=False)
 
 
 def ppo_train(out: Path) -> None:
@@ -150,7 +160,7 @@ if __name__ == "__main__":
     mode, folder = sys.argv[1], Path(sys.argv[2])
     folder.mkdir(parents=True, exist_ok=True)
     modes = {"grpo_update": grpo_update, "ppo_update": ppo_update, "grpo_train": grpo_train, "ppo_train": ppo_train,
-             "grpo_train_sharded": grpo_train_sharded}
+             "grpo_train_sharded": grpo_train_sharded, "grpo_full": grpo_full}
     modes[mode](folder)
     if torch.distributed.is_initialized():  # leave together: a process exiting mid-teardown aborts gloo
         torch.distributed.barrier()

@@ -122,6 +122,25 @@ def test_grpo_sharded_over_two_processes_trains_as_ddp_writes_once_and_resumes_e
 
 
 @needs_torchrun
+def test_grpo_sharded_full_finetuning_with_a_sharded_reference_trains_as_ddp_and_resumes_exactly(tmp_path):
+    """Round 2's shape (every weight trained, a frozen copy as the reference), sharded."""
+    launch(TWO, "distributed_rl.py", "grpo_full", tmp_path)
+    ddp, fsdp, resumed = (per_rank_evidence(tmp_path / out) for out in ("ddp", "fsdp", "fsdp/resumed"))
+    assert [h["reward"] for h in fsdp[0]["history"][1:]] == pytest.approx([h["reward"] for h in ddp[0]["history"][1:]])
+    assert [h["kl"] for h in fsdp[0]["history"][1:]] == pytest.approx([h["kl"] for h in ddp[0]["history"][1:]],
+                                                                      abs=1e-6)
+    # clipping covers the root's weights too (measured: taking them from model.parameters() after a no-grad
+    # forward, which leaves the root gathered, clipped without them and moved the weights by 6e-3)
+    assert fsdp[0]["digest"] == pytest.approx(ddp[0]["digest"], abs=1e-5)
+    assert resumed[0]["digest"] == pytest.approx(fsdp[0]["digest"], abs=1e-6)
+    saved, written = (load_file(tmp_path / d / "grpo" / "checkpoint-000002" / "weights" / "model.safetensors")
+                      for d in ("ddp", "fsdp"))
+    assert saved.keys() == written.keys()
+    for name in saved:
+        assert (saved[name] - written[name]).abs().max() < 1e-5, name
+
+
+@needs_torchrun
 def test_ppo_under_two_processes_collects_every_other_prompt_keeps_weights_in_step_and_writes_once(tmp_path):
     launch(TWO, "distributed_rl.py", "ppo_train", tmp_path)
     ranks = per_rank_evidence(tmp_path)

@@ -112,7 +112,9 @@ def minibatch_updates(model, optimizer, scheduler, flat: Sequence[rollouts.Rollo
     """One optimizer step per `minibatch` rollouts of `flat` in `permutation` order. `model` is the policy, or
     its DDP wrapper in a multi-process run: each process then holds its share of every minibatch and the
     gradients are averaged, which is the whole minibatch's mean loss when the shares are equal."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    # The optimizer's own parameters: a sharded model's root keeps its gathered (unsharded) weights between a
+    # no-grad forward and the next backward, so model.parameters() would miss the shards the gradients land on.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     stats = []
     for start in range(0, len(flat), minibatch):
         mb = permutation[start : start + minibatch]
