@@ -1,4 +1,4 @@
-"""What the paper presets of exp01-exp05 ask of a GPU: samples, training steps and tokens per figure, and GPU-hours
+"""What the paper presets of exp01-exp06 ask of a GPU: samples, training steps and tokens per figure, and GPU-hours
 on H100s as a roofline lower bound (not measured: no GPU was available when this was written; real runs are
 slower by whatever `generate` and the training loop lose to Python and memory traffic).
 
@@ -7,10 +7,11 @@ per sequence are the assumptions in `STAGES` (Llama-2 tokens, prompt + response)
 NVIDIA's published H100 SXM figures (989 TFLOPS dense bf16, 3.35 TB/s HBM3), at the efficiencies below:
 
 - training and scoring: FLOPs / (peak x MFU), with 4N FLOPs per trained token for LoRA (the forward pass and the
-  activation gradients; the frozen weights get none), 2N per scored token, N = 6.74e9;
-- sampling: one pass over the bf16 weights (13.5 GB) per decoding step of a batch (the stage's `decode_batch`:
-  the preset's sampling batch, PPO's chunk), at `DECODE_EFFICIENCY` of the bandwidth, plus the prompt's forward
-  pass.
+  activation gradients; the frozen weights get none), 6N when every weight trains (exp06 round 2), 2N per scored
+  token; N = 6.74e9 (Llama-2-7B), 7.62e9 (Qwen2.5-7B), 32.5e9 (Qwen2.5-32B);
+- sampling: one pass over the bf16 weights (2N bytes) per decoding step of a batch (the stage's `decode_batch`:
+  the preset's sampling batch, PPO's chunk, GRPO's prompts x G), at `DECODE_EFFICIENCY` of the bandwidth, plus the
+  prompt's forward pass.
 
 8 GPUs divide every stage by 8 (data parallel; each stage's work splits into independent batches).
 
@@ -24,8 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-N_PARAMS = 6.74e9
-PEAK_FLOPS, BANDWIDTH, WEIGHT_BYTES = 989e12, 3.35e12, 2 * N_PARAMS
+from common import data  # noqa: E402
+
+N_PARAMS, QWEN_7B, QWEN_32B = 6.74e9, 7.62e9, 32.5e9
+PEAK_FLOPS, BANDWIDTH = 989e12, 3.35e12
 MFU, DECODE_EFFICIENCY = 0.35, 0.5
 
 
@@ -40,6 +43,8 @@ class Stage:
     scored: int = 0  # sequences scored by a forward pass only
     tokens: int = 0  # per training or scored sequence, or per sample's prompt
     decode_batch: int = 64  # sequences decoded together
+    n_params: float = N_PARAMS
+    full_finetune: bool = False
 
     @property
     def train_tokens(self) -> float:
@@ -47,10 +52,11 @@ class Stage:
 
     @property
     def hours(self) -> float:
-        train = 4 * N_PARAMS * self.train_tokens / (PEAK_FLOPS * MFU)
-        score = 2 * N_PARAMS * (self.scored + self.samples) * self.tokens / (PEAK_FLOPS * MFU)
+        n = self.n_params
+        train = (6 if self.full_finetune else 4) * n * self.train_tokens / (PEAK_FLOPS * MFU)
+        score = 2 * n * (self.scored + self.samples) * self.tokens / (PEAK_FLOPS * MFU)
         steps = self.samples / self.decode_batch * self.new_tokens
-        decode = steps * WEIGHT_BYTES / (BANDWIDTH * DECODE_EFFICIENCY)
+        decode = steps * 2 * n / (BANDWIDTH * DECODE_EFFICIENCY)
         return (train + score + decode) / 3600
 
 
@@ -60,14 +66,27 @@ def stages() -> list[Stage]:
     from exp03_rl_abstain.run import PRESETS as P3
     from exp04_reward_models.run import PRESETS as P4
     from exp05_longform_conservative_rm.run import PRESETS as P5
+    from exp06_simplefact_grpo.run import PRESETS as P6
 
-    p1, p2, p3, p4, p5 = (p["paper"] for p in (P1, P2, P3, P4, P5))
+    p1, p2, p3, p4, p5, p6 = (p["paper"] for p in (P1, P2, P3, P4, P5, P6))
     mmlu, trivia_train, trivia_test = 14_042 + 1_531, 138_384, 17_944  # SPEC.md 1.1, 1.2
 
     def ppo_rollouts(cfg):  # each rollout is used once per PPO epoch
         return cfg.total_steps * cfg.batch_size // cfg.ppo_epochs
 
-    m3, t3, e5 = p3.mmlu_ppo, p3.triviaqa_ppo, p5.ppo
+    m3, t3, e5, g6 = p3.mmlu_ppo, p3.triviaqa_ppo, p5.ppo, p6.grpo
+    simplefact_pool = 4 * p6.mix_per_source  # SPEC.md 7.1: four sources, SimpleQA's ~4.3k capping each
+
+    def grpo_run(settings: int, n_params: float, full: bool, what: str) -> Stage:
+        """GRPO for `settings` reward settings: every rollout trained on once (one optimizer step per
+        minibatch), scored twice more (old and reference log-probs); the evaluations' k samples ride along."""
+        rollouts = g6.total_steps * g6.prompts_per_step * g6.group_size
+        evaluations = (g6.total_steps // g6.eval_every + 1) * len(data.SIMPLEFACT_SOURCES) * p6.mix_eval_per_source
+        return Stage("SimpleFact (exp06)", what, train_steps=settings * rollouts // g6.minibatch_size,
+                     batch=g6.minibatch_size, samples=settings * (rollouts + evaluations * p6.eval_samples),
+                     new_tokens=200, scored=2 * settings * rollouts, tokens=300,
+                     decode_batch=g6.sample_batch_size * g6.group_size, n_params=n_params, full_finetune=full)
+
     return [
         Stage("all MMLU figures", "unfamiliarity: 5-shot letter scores", scored=mmlu, tokens=700),
         Stage("all TriviaQA figures", "unfamiliarity: 12 few-shot samples per question",
@@ -102,6 +121,11 @@ def stages() -> list[Stage]:
         Stage("Figs. 5-8 (exp05)", "PPO rewards: each rollout decomposed, ~4 facts judged",
               samples=4 * ppo_rollouts(e5), new_tokens=100, scored=4 * 4 * ppo_rollouts(e5), tokens=40,
               decode_batch=p5.decompose.batch_size),
+        Stage("SimpleFact (exp06)", "filtering: 16 samples per training question (Qwen2.5-7B)",
+              samples=p6.filter_samples * simplefact_pool, new_tokens=200, tokens=120,
+              decode_batch=p6.sample_batch_size * p6.filter_samples, n_params=QWEN_7B),
+        grpo_run(4, QWEN_7B, True, "GRPO round 2 (Qwen2.5-7B, every weight), 4 reward settings"),
+        grpo_run(1, QWEN_32B, False, "GRPO round 1 (Qwen2.5-32B, LoRA), setting both"),
     ]
 
 

@@ -24,6 +24,13 @@ class SamplingConfig:
     num_samples: int = 1
     stop: tuple[str, ...] = ()
     batch_size: int = 32  # prompts per batch (each expands to num_samples sequences)
+    # The KV cache: "dynamic" grows with each step; "static" is allocated once for prompt + max_new_tokens, which
+    # transformers' generate then runs through torch.compile on CUDA (eager on CPU, where it is only tested).
+    cache: str = "dynamic"
+
+    def __post_init__(self):
+        if self.cache not in ("dynamic", "static"):
+            raise ValueError(f"unknown KV cache {self.cache!r}; expected dynamic or static")
 
 
 def _device(model) -> torch.device:
@@ -76,6 +83,8 @@ def generate_ids(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, 
         use_cache=True,
         synced_gpus=training.is_sharded(model),  # every process's layers take part in every forward pass
     )
+    if cfg.cache == "static":
+        gen_kwargs["cache_implementation"] = "static"
     if not greedy:
         gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], enabled=generator_seed is not None):

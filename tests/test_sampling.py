@@ -127,6 +127,22 @@ def test_seeded_sampling_repeats_itself_and_leaves_the_global_rng_alone(tiny_tok
     assert texts == [[tiny_tokenizer.decode(r, skip_special_tokens=False) for r in rows] for rows in first]
 
 
+def test_static_kv_cache_samples_what_the_dynamic_one_does(tiny_tokenizer):
+    """The static cache (`SamplingConfig.cache`, compiled by generate on CUDA) on prompts of unequal length, k
+    samples each, a stop string: the same tokens as the dynamic cache from the same seed."""
+    from conftest import tiny_llama
+
+    model = tiny_llama(tiny_tokenizer, init_std=0.5)
+    prompts = ["Q: Where was Velorin born?\nA:", "A:", "Q: Where"]
+    dynamic = sampling.SamplingConfig(max_new_tokens=6, temperature=1.0, num_samples=3, stop=("\n",))
+    static = sampling.SamplingConfig(max_new_tokens=6, temperature=1.0, num_samples=3, stop=("\n",), cache="static")
+    out = sampling.generate_ids(model, tiny_tokenizer, prompts, static, generator_seed=3)
+    assert out == sampling.generate_ids(model, tiny_tokenizer, prompts, dynamic, generator_seed=3)
+    assert len({len(r) for rows in out for r in rows}) > 1  # some rows stopped early
+    with pytest.raises(ValueError, match="unknown KV cache"):
+        sampling.SamplingConfig(cache="paged")
+
+
 def metaspace_tokenizer():
     """A small BPE tokenizer with Llama's sentencepiece-style spaces ("▁"), trained here."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
