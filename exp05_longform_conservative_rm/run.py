@@ -179,7 +179,7 @@ def standard_writer_texts(base, items: list[tasks.LongformItem], cfg: Exp5Config
     return [world.noisy_profile(entities[it.topic], cfg.writer_error_rate, rng) for it in items]
 
 
-def learned_decomposer(base, cfg: Exp5Config, task: str, sampled: list, sampled_labels: list, frame: pd.DataFrame,
+def train_decomposer(base, cfg: Exp5Config, task: str, sampled: list, sampled_labels: list, frame: pd.DataFrame,
                        eval_facts: list, run, run_args):
     """The decomposer SFT'd on the SFT model's samples and their labelled atoms; with its agreement with the
     labeller on the evaluation responses ({task}_decompositions.csv). Returns (its cache key, the decomposer)."""
@@ -284,16 +284,15 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> TaskResul
     sampled = [tasks.longform_text(task, r) for rs in samples for r in rs]
     sampled_labels = factscore.label_all(checker, topics, sampled)
     writer_texts = standard_writer_texts(base, per_sample, cfg, run_args.seed)
-    writer_labels = factscore.label_all(checker, topics, writer_texts)
     examples = {"conservative": longform_rm.fact_examples(topics, sampled_labels),
-                "standard": longform_rm.fact_examples(topics, writer_labels)}
+                "standard": longform_rm.fact_examples(topics, factscore.label_all(checker, topics, writer_texts))}
     run.extra[f"{task}_rm_sample_valid"] = float(np.mean([t is not None for t in sampled]))
 
     # The decomposer, shared by both reward models: the SFT model's samples -> their labelled atoms (SPEC.md 6.3).
     frame = frames["sft"]
     eval_facts = [None if not v else [f.text for f in facts or []] for v, facts in zip(frame.valid, labels["sft"])]
     if cfg.decomposer == "learned":
-        decomposer_key, decomposer = learned_decomposer(base, cfg, task, sampled, sampled_labels, frame, eval_facts,
+        decomposer_key, decomposer = train_decomposer(base, cfg, task, sampled, sampled_labels, frame, eval_facts,
                                                         run, run_args)
     else:
         decomposer_key, decomposer = ("labeller", checker.key), longform_rm.labeller_decomposer(checker)

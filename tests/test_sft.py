@@ -137,7 +137,6 @@ def test_checkpoint_losses_score_each_checkpoint_on_the_held_out_pairs(tiny_toke
     assert losses[20] == pytest.approx(sft.response_loss(logits, batch["labels"]).item(), rel=1e-5)
 
 
-
 def test_finetune_lora_names_the_model_by_its_cache_folder_and_loads_it_the_second_time(tiny_tokenizer, tmp_path,
                                                                                        monkeypatch):
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))

@@ -156,7 +156,7 @@ def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupRew
     sharded = cfg.shard and n_proc > 1
     if sharded:
         for m in (policy, reference):
-            if m is not None and not training.is_sharded(m):
+            if m is not None:
                 training.shard(m)
     optimizer, scheduler = training.make_optimizer([p for p in policy.parameters() if p.requires_grad], cfg)
     torch.manual_seed(seed)  # a loaded checkpoint restores the RNG it saved
