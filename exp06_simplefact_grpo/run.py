@@ -38,10 +38,13 @@ class Exp6Config:
     cold_start: sft.SFTConfig | None  # synthetic scale: SFT into the format; paper scale: the prompt alone
     lora: models.LoraSettings = field(default_factory=models.LoraSettings)
     full_finetune: bool = False  # round 2's 7B run (fp32 weights + AdamW: more than one 80 GB GPU); LoRA otherwise
-    # Synthetic scale: a prompt is a prefix the cold start conditions on. Its target answers when at least this
-    # share of the base model's few-shot samples agree on one answer, and says Unknown otherwise, so the prompts
-    # trace the accuracy vs not-attempt trade-off.
-    agreement: dict = field(default_factory=lambda: {"cautious": 0.6, "balanced": 0.25, "bold": 0.0})
+    # Synthetic scale: a prompt is a prefix the cold start conditions on. Its target says Unknown on this share of
+    # the questions, those on which the base model's few-shot samples agree least, and answers the rest, so the
+    # prompts trace the accuracy vs not-attempt trade-off. A share, not an agreement threshold, so that a prompt
+    # means the same on every world: "at least 3 of 12 samples agree" put 9.9% of seed 0's balanced targets on
+    # Unknown and 4.6% of seed 2's, and seed 0's cautious start left "All Attempt and Wrong" too little room to
+    # fall (4.0%, against 7.9%); 2 of 12 leaves 0.1% and no abstention for GRPO to reward (exp06 README).
+    unknown_share: dict = field(default_factory=lambda: {"cautious": 0.3, "balanced": 0.05, "bold": 0.0})
     candidates: int = 3  # answers the cold start's reasoning lists, most often sampled first
     base_samples: unfamiliarity.QAScoringSettings = field(default_factory=unfamiliarity.QAScoringSettings)
     train_prompt: str = "balanced"
@@ -102,15 +105,20 @@ def prompt(question: tasks.QAQuestion, style: str, tokenizer=None) -> str:
                                          tokenize=False, add_generation_prompt=True)
 
 
-def cold_start_targets(samples: list[list[str]], styles: list[str], cfg: Exp6Config) -> list[str]:
+def cold_start_targets(samples: list[list[str]], styles: list[str], cfg: Exp6Config,
+                       rng: np.random.Generator) -> list[str]:
     """Each question's target from the base model's own few-shot samples, no gold label: the most sampled answers
-    as the reasoning, then the top one boxed if at least `agreement[style]` of the samples agree, else Unknown."""
+    as the reasoning, then the top one boxed, or Unknown if the question is among the `unknown_share[style]` of
+    all questions whose top answer has the smallest share of the samples (ties in random order)."""
+    answers = [Counter(a for a in (tasks.strip_eos(s.split("\n", 1)[0]).strip() for s in group) if a)
+               for group in samples]
+    agreement = [c.most_common(1)[0][1] / len(g) if c else 0.0 for c, g in zip(answers, samples)]
+    rank = np.empty(len(samples))
+    rank[np.lexsort((rng.random(len(samples)), agreement))] = np.arange(len(samples)) / len(samples)
     targets = []
-    for group, style in zip(samples, styles):
-        answers = Counter(a for a in (tasks.strip_eos(s.split("\n", 1)[0]).strip() for s in group) if a)
-        ranked = [a for a, _ in answers.most_common(cfg.candidates)] or [simplefact.UNKNOWN]
-        share = answers.most_common(1)[0][1] / len(group) if answers else 0.0
-        answer = ranked[0] if answers and share >= cfg.agreement[style] else None
+    for counts, r, style in zip(answers, rank, styles):
+        ranked = [a for a, _ in counts.most_common(cfg.candidates)] or [simplefact.UNKNOWN]
+        answer = ranked[0] if counts and r >= cfg.unknown_share[style] else None
         targets.append(simplefact.synthetic_response(ranked, answer))
     return targets
 
@@ -128,9 +136,10 @@ def starting_policy(base, pool: list[tasks.QAQuestion], cfg: Exp6Config, run, ru
                 base.model, base.tokenizer, pool, pool, cfg.base_samples, run_args.seed)],
             run.cache_hits, dtype=str)
     samples = [s.split("\x1f") for s in joined]
-    styles = [PROMPTS[i] for i in np.random.default_rng([run_args.seed, 60]).integers(len(PROMPTS), size=len(pool))]
+    rng = np.random.default_rng([run_args.seed, 60])
+    styles = [PROMPTS[i] for i in rng.integers(len(PROMPTS), size=len(pool))]
     prompts = [prompt(q, s) for q, s in zip(pool, styles)]
-    targets = cold_start_targets(samples, styles, cfg)
+    targets = cold_start_targets(samples, styles, cfg, rng)
     unknown = [simplefact.last_boxed(t) == simplefact.UNKNOWN for t in targets]
     run.extra["cold_start_unknown_share"] = {s: float(np.mean([u for u, x in zip(unknown, styles) if x == s]))
                                              for s in PROMPTS}

@@ -143,3 +143,29 @@ def test_exp05_fig8_takes_distinct_entities_nearest_to_low_middle_and_high_unfam
                               "rl_conservative": [None] * 5}, {}, [])
     rows, cells = exp05.fig8_cells(result)
     assert rows.topic.tolist() == ["a", "a", "e", "e", "d", "d"] and len(cells) == 6
+
+
+exp06 = load_run("exp06_simplefact_grpo")
+
+
+def test_exp06_cold_start_says_unknown_on_the_least_agreed_share():
+    from dataclasses import replace
+    cfg = replace(exp06.PRESETS["micro"], unknown_share={"cautious": 0.6, "balanced": 0.3, "bold": 0.0})
+    samples = [[f"{a}\nQ: x" for a in "AAAB"],  # top answer's share 0.75
+               [f"{a}\nQ: x" for a in "ABCD"],  # 0.25
+               [f"{a}\nQ: x" for a in "AABC"],  # 0.5
+               ["\nQ: x"] * 4]  # no answer at all: 0.0
+    box = exp06.simplefact.synthetic_response
+    unknown = [box(["A", "B"], None), box(["A", "B", "C"], None), box(["A", "B", "C"], None),
+               box([exp06.simplefact.UNKNOWN], None)]
+    answered = [box(["A", "B"], "A"), box(["A", "B", "C"], "A"), box(["A", "B", "C"], "A"), unknown[3]]
+    rng = np.random.default_rng(0)
+    # ranks 0.75, 0.25, 0.5, 0: cautious abstains below 0.6, balanced below 0.3, bold never (but cannot answer q3)
+    assert exp06.cold_start_targets(samples, ["cautious"] * 4, cfg, rng) == [answered[0]] + unknown[1:]
+    assert exp06.cold_start_targets(samples, ["balanced"] * 4, cfg, rng) == [answered[0], unknown[1]] + answered[2:]
+    assert exp06.cold_start_targets(samples, ["bold"] * 4, cfg, rng) == answered
+    # a tie: one of two equally agreed questions abstains, which one drawn at random
+    tied = [samples[1], samples[1]]
+    cfg = replace(cfg, unknown_share={"balanced": 0.5})
+    draws = {tuple(exp06.cold_start_targets(tied, ["balanced"] * 2, cfg, np.random.default_rng(s))) for s in range(8)}
+    assert draws == {(unknown[1], answered[1]), (answered[1], unknown[1])}
