@@ -3,12 +3,14 @@
 Both train a fresh LoRA adapter (q/v, r=16) on the synthetic world's model, CPU, 2 threads, on the same SimpleFact
 prompts (exp06's balanced prompt, the world's finetuning questions), the same reward (SimpleFact's group reward,
 setting both), group size, new-token budget, completions per optimizer step, KL coefficient and number of rollout
-steps, and are timed after a warm-up step (model loading and TRL's setup excluded). TRL is an optional extra:
-`pip install trl`.
+steps, and are timed after a warm-up step (model loading and TRL's setup excluded). Both sample with transformers'
+generate, once with its dynamic KV cache (either's default: the headline) and once with the static one. TRL is an
+optional extra: `pip install trl`.
 
-    python benchmarks/grpo_vs_trl.py [--steps 20] [--seed 0]
+    python benchmarks/grpo_vs_trl.py [--steps 40] [--seed 0]
 
-Writes results/benchmarks/grpo_vs_trl.json: {"ours": ..., "trl": ..., "ratio": ..., "config": {...}}.
+Writes results/benchmarks/grpo_vs_trl.json: {"ours": ..., "trl": ..., "ratio": ..., "static_cache": {...},
+"config": {...}}.
 """
 from __future__ import annotations
 
@@ -42,12 +44,13 @@ def group_rewards(questions, texts_by_group):
     return [simplefact.group_reward([simplefact.classify(t, q) for t in texts]) for q, texts in texts_by_group]
 
 
-def run_ours(base, questions, prompts, steps: int, seed: int) -> float:
+def run_ours(base, questions, prompts, steps: int, seed: int, cache: str) -> tuple[float, float]:
     cfg = grpo.GRPOConfig(lr=CONFIG["lr"], eta_min=CONFIG["lr"], total_steps=steps + 1,
                           prompts_per_step=CONFIG["prompts_per_step"], group_size=CONFIG["group_size"],
                           minibatch_size=CONFIG["minibatch_size"], clip_eps=CONFIG["clip_eps"],
                           kl_coef=CONFIG["kl_coef"], max_new_tokens=CONFIG["max_new_tokens"],
-                          checkpoint_every=10**9, eval_every=1, sample_batch_size=CONFIG["prompts_per_step"])
+                          checkpoint_every=10**9, eval_every=1, sample_batch_size=CONFIG["prompts_per_step"],
+                          cache=cache)
     policy = models.add_lora(base.model, models.LoraSettings(), seed=0)
     stamps = []
 
@@ -78,7 +81,7 @@ def run_ours(base, questions, prompts, steps: int, seed: int) -> float:
     return steps * CONFIG["prompts_per_step"] * CONFIG["group_size"] / elapsed, sum(sampling_s[1:]) / elapsed
 
 
-def run_trl(base, questions, prompts, steps: int, seed: int) -> float:
+def run_trl(base, questions, prompts, steps: int, seed: int, cache: str) -> float:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -106,7 +109,7 @@ def run_trl(base, questions, prompts, steps: int, seed: int) -> float:
                           max_completion_length=CONFIG["max_new_tokens"], beta=CONFIG["kl_coef"],
                           epsilon=CONFIG["clip_eps"], importance_sampling_level="sequence", temperature=1.0,
                           max_steps=(steps + 1) * per_step // CONFIG["minibatch_size"], seed=seed,
-                          scale_rewards="none", disable_dropout=True)
+                          scale_rewards="none", disable_dropout=True, cache_implementation=cache)
         trainer = GRPOTrainer(model=base.model, reward_funcs=reward, args=args,
                               train_dataset=Dataset.from_dict({"prompt": prompts}),
                               processing_class=base.tokenizer, callbacks=[Stamp()],
@@ -120,15 +123,18 @@ def run_trl(base, questions, prompts, steps: int, seed: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(CONFIG["threads"])
     base, questions, prompts = load(args.seed)
-    ours, sampling_share = run_ours(base, questions, prompts, args.steps, args.seed)
-    trl = run_trl(base, questions, prompts, args.steps, args.seed)
-    out = {"ours": round(ours, 1), "trl": round(trl, 1), "ratio": round(ours / trl, 2),
-           "ours_sampling_share": round(sampling_share, 3),
+    measured = {}
+    for cache in ("dynamic", "static"):
+        ours, sampling_share = run_ours(base, questions, prompts, args.steps, args.seed, cache)
+        trl = run_trl(base, questions, prompts, args.steps, args.seed, cache)
+        measured[cache] = {"ours": round(ours, 1), "trl": round(trl, 1), "ratio": round(ours / trl, 2),
+                           "ours_sampling_share": round(sampling_share, 3)}
+    out = {**measured["dynamic"], "static_cache": measured["static"],
            "config": {**CONFIG, "steps_timed": args.steps, "seed": args.seed, "unit": "completions per second",
                       "packages": results.package_versions() | {"trl": __import__("trl").__version__}}}
     results.write_json(ROOT / "results" / "benchmarks" / "grpo_vs_trl.json", out)

@@ -88,6 +88,24 @@ def test_old_logprobs_do_not_depend_on_what_shares_the_batch(tiny_tokenizer):
     assert together[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
 
 
+def test_the_first_minibatch_is_on_policy_and_later_ones_read_the_collected_logprobs(tiny_tokenizer):
+    policy = toy_policy(tiny_tokenizer)
+    prompt = tiny_tokenizer("Q:", add_special_tokens=False).input_ids
+    a, b = (tiny_tokenizer(t, add_special_tokens=False).input_ids for t in (" Paris", " Rome"))
+    flat = [rollouts.Rollout(prompt, a), rollouts.Rollout(prompt, b)] * 2
+    pad = tiny_tokenizer.pad_token_id
+    permutation = torch.tensor([2, 1, 0, 3]).numpy()
+    old = torch.full((4,), float("nan"))  # the first minibatch's (rows 2 and 1) must never be read
+    old[[0, 3]] = grpo.scored_logprobs(policy, [flat[0], flat[3]], pad, 2)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    stats = grpo.minibatch_updates(policy, optimizer, scheduler, flat, old, None, torch.tensor([1.0, -1, 1, -1]),
+                                   permutation, 2, replace(CFG, kl_coef=0.0), pad, "test", 1, None)
+    assert stats[0]["ratio"] == 1.0 and stats[0]["clipfrac"] == 0.0
+    assert stats[1]["ratio"] != 1.0  # the policy moved after the first step; rows 0 and 3 compare with `old`
+
+
 def reward_paris(step, i, texts):
     return [1.0 if t.startswith(" Paris") else 0.0 for t in texts]
 

@@ -6,9 +6,10 @@ calls `group_reward(rollout step, question index, the group's responses)` (the s
 schedule). Each response's advantage is its reward minus its
 group's mean (divided by the group's std behind a flag). The loss is the clipped surrogate on the sequence-level
 ratio exp(sum log pi - sum log pi_old) over response tokens, plus a k3 estimate of the KL to the frozen starting
-model on the same sequence log-ratio, optionally clamped ("KL clipping", SPEC.md 7.4's reading). Old log-probs are
-recomputed by the policy right after sampling; the rollout batch is split into minibatches, one optimizer step
-each, so later minibatches are slightly off-policy and the clip matters.
+model on the same sequence log-ratio, optionally clamped ("KL clipping", SPEC.md 7.4's reading). The rollout batch
+is split into minibatches, one optimizer step each, so later minibatches are slightly off-policy and the clip
+matters; their old log-probs are recomputed by the policy right after sampling, while the first minibatch, still
+on-policy, takes its own forward pass's (detached), so its ratio is exactly 1 and one scoring pass is saved.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class GRPOConfig:
     max_new_tokens: int = 256
     temperature: float = 1.0
     sample_batch_size: int = 16  # prompts per generate call
+    cache: str = "dynamic"  # the KV cache while sampling (sampling.SamplingConfig.cache)
     checkpoint_every: int = 50  # rollout steps
     eval_every: int = 20
     keep_checkpoints: int | None = None  # prune all but the last N (a fully finetuned 7B model's are ~45 GB)
@@ -109,7 +111,8 @@ def scored_logprobs(model, flat: Sequence[rollouts.Rollout], pad_id: int, miniba
 def minibatch_updates(model, optimizer, scheduler, flat: Sequence[rollouts.Rollout], old: torch.Tensor,
                       ref: torch.Tensor | None, advantages: torch.Tensor, permutation: np.ndarray, minibatch: int,
                       cfg: GRPOConfig, pad_id: int, desc: str, step: int, last_good: Path | None) -> list[dict]:
-    """One optimizer step per `minibatch` rollouts of `flat` in `permutation` order. `model` is the policy, or
+    """One optimizer step per `minibatch` rollouts of `flat` in `permutation` order; `old` is read from the second
+    minibatch on (the first is on-policy: its old log-probs are its own, detached). `model` is the policy, or
     its DDP wrapper in a multi-process run: each process then holds its share of every minibatch and the
     gradients are averaged, which is the whole minibatch's mean loss when the shares are equal."""
     # The optimizer's own parameters: a sharded model's root keeps its gathered (unsharded) weights between a
@@ -119,7 +122,7 @@ def minibatch_updates(model, optimizer, scheduler, flat: Sequence[rollouts.Rollo
     for start in range(0, len(flat), minibatch):
         mb = permutation[start : start + minibatch]
         logprob = sequence_logprobs(model, [flat[i] for i in mb], pad_id)
-        loss, s = grpo_loss(logprob, old[mb], None if ref is None else ref[mb], advantages[mb], cfg.clip_eps,
+        loss, s = grpo_loss(logprob, logprob.detach() if start == 0 else old[mb], None if ref is None else ref[mb], advantages[mb], cfg.clip_eps,
                             cfg.kl_coef, cfg.kl_clamp)
         training.check_finite(loss, desc, step, last_good)
         loss.backward()
@@ -174,12 +177,17 @@ def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupRew
         policy.eval()
         groups = rollouts.sample(policy, tokenizer, [prompts[i] for i in idx], cfg.group_size, cfg.max_new_tokens,
                                  cfg.temperature, cfg.sample_batch_size, desc=f"{desc}: sample",
-                                 generator_seed=rollouts.process_stream(seed, step))
+                                 generator_seed=rollouts.process_stream(seed, step), cache=cfg.cache)
         rewards = torch.tensor([list(group_reward(step, i, [tokenizer.decode(r.response_ids) for r in group]))
                                 for i, group in zip(idx, groups)], dtype=torch.float32)
         advantages = group_advantages(rewards, cfg.std_normalize).flatten()
         flat = [r for group in groups for r in group]
-        old = scored_logprobs(policy, flat, pad, cfg.minibatch_size)
+        permutation = order.rng.permutation(len(flat))
+        minibatch = cfg.minibatch_size // n_proc
+        old = torch.full((len(flat),), float("nan"))  # the first minibatch's stay unread
+        later = permutation[minibatch:]
+        if len(later):
+            old[later] = scored_logprobs(policy, [flat[i] for i in later], pad, cfg.minibatch_size)
         ref = None
         if cfg.kl_coef:
             if reference is None:
@@ -189,9 +197,8 @@ def train_grpo(policy, tokenizer, prompts: Sequence[str], group_reward: GroupRew
                 ref = scored_logprobs(reference, flat, pad, cfg.minibatch_size)
 
         policy.train()
-        stats = minibatch_updates(model, optimizer, scheduler, flat, old, ref, advantages,
-                                  order.rng.permutation(len(flat)), cfg.minibatch_size // n_proc, cfg, pad, desc,
-                                  step + 1, last_good)
+        stats = minibatch_updates(model, optimizer, scheduler, flat, old, ref, advantages, permutation, minibatch,
+                                  cfg, pad, desc, step + 1, last_good)
         step += 1
         every = acc.gather(rewards) if n_proc > 1 else rewards
         means = training.mean_over_processes(

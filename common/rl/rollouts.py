@@ -64,12 +64,13 @@ def process_stream(*key: int) -> int | None:
 
 
 def sample(model, tokenizer, prompts: Sequence[str], num_samples: int, max_new_tokens: int, temperature: float,
-           batch_size: int, desc: str = "rollouts", generator_seed: int | None = None) -> list[list[Rollout]]:
+           batch_size: int, desc: str = "rollouts", generator_seed: int | None = None,
+           cache: str = "dynamic") -> list[list[Rollout]]:
     """`num_samples` responses per prompt (one encoding of the prompt each, KV cache), each ending at its EOS
     (kept, so the policy learns to stop) or after `max_new_tokens`; drawn from the global torch stream, or from
     `generator_seed`'s own (`sampling.generate_ids`)."""
     cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, num_samples=num_samples,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, cache=cache)
     responses = sampling.generate_ids(model, tokenizer, prompts, cfg, desc=desc, generator_seed=generator_seed)
     out = []
     for prompt, group in zip(prompts, responses):
@@ -98,12 +99,14 @@ def collate(rollouts: Sequence[Rollout], pad_id: int) -> dict[str, torch.Tensor]
 
 def response_logits(model, batch: dict, hidden: bool = False):
     """fp32 logits at the positions that predict each response token (and, with `hidden`, the last hidden state
-    there)."""
+    there). The LM head runs on those positions only (the prompt's other logits would be discarded; bit-identical
+    logits, measured)."""
     device = next(model.parameters()).device
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                position_ids=batch["position_ids"].to(device), output_hidden_states=hidden, use_cache=False)
     start, width = batch["prompt_width"], batch["mask"].shape[1]
-    logits = out.logits[:, start - 1 : start - 1 + width].float()
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                position_ids=batch["position_ids"].to(device), output_hidden_states=hidden, use_cache=False,
+                logits_to_keep=width + 1)
+    logits = out.logits[:, :width].float()
     return (logits, out.hidden_states[-1][:, start - 1 : start - 1 + width].float()) if hidden else logits
 
 
