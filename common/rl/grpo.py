@@ -122,8 +122,8 @@ def minibatch_updates(model, optimizer, scheduler, flat: Sequence[rollouts.Rollo
     for start in range(0, len(flat), minibatch):
         mb = permutation[start : start + minibatch]
         logprob = sequence_logprobs(model, [flat[i] for i in mb], pad_id)
-        loss, s = grpo_loss(logprob, logprob.detach() if start == 0 else old[mb], None if ref is None else ref[mb], advantages[mb], cfg.clip_eps,
-                            cfg.kl_coef, cfg.kl_clamp)
+        loss, s = grpo_loss(logprob, logprob.detach() if start == 0 else old[mb], None if ref is None else ref[mb],
+                            advantages[mb], cfg.clip_eps, cfg.kl_coef, cfg.kl_clamp)
         training.check_finite(loss, desc, step, last_good)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
