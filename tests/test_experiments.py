@@ -136,6 +136,21 @@ def test_exp05_table_claim_is_the_smaller_of_its_two_margins():
     assert c.value == pytest.approx(-0.05) and not c.passed  # 0.7 - 0.65 - 0.10
 
 
+def test_exp05_fig7_claim_needs_fewer_false_facts_in_every_bin_and_most_true_facts_kept():
+    def facts(rl_false, rl_true):  # bins 0-1 occupied for both methods, bin 2 empty
+        return pd.DataFrame({"bin": [0, 1, 2] * 2, "count": [5, 4, 0] * 2,
+                             "method": ["sft"] * 3 + ["rl_conservative"] * 3,
+                             "n_false_mean": [0.5, 2.0, np.nan, *rl_false],
+                             "n_true_mean": [3.0, 1.0, np.nan, *rl_true]})
+    c = exp05.fig7_claim("plot", facts([0.25, 1.5, np.nan], [3.0, 0.6, np.nan]))
+    # false margins 0.25 and 0.5; true facts averaged over bins 1.8 against 2.0: ratio 0.9, margin 0.1
+    assert c.id == "fig7.plot.fewer_false" and c.value == pytest.approx(0.1) and c.passed
+    c = exp05.fig7_claim("plot", facts([0.25, 1.5, np.nan], [2.0, 0.6, np.nan]))  # ratio 1.3 / 2.0 = 0.65
+    assert c.value == pytest.approx(-0.15) and not c.passed
+    assert not exp05.fig7_claim("plot", facts([0.5, 0.0, np.nan], [3.0, 1.0, np.nan])).passed  # as many false in bin 0
+    assert not exp05.fig7_claim("plot", facts([0.5, 0.0, np.nan], [3.0, 1.0, np.nan]).query("method == 'sft'")).passed
+
+
 def test_exp05_fig8_takes_distinct_entities_nearest_to_low_middle_and_high_unfamiliarity():
     frame = pd.DataFrame({"topic": list("abcde"), "unfamiliarity": [0.0, 0.0, 1.5, 4.0, 2.2],
                           "response": ["x."] * 5})
