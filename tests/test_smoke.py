@@ -217,9 +217,11 @@ def test_exp05_micro_run_labels_responses_compares_the_reward_models_and_trains_
             "plot_rm_standard_predict", "ppo_bio_rl_standard", "plot_evaluate_rl_standard"} <= set(manifest["timings_s"])
     assert "ppo_bio_rl_conservative" not in manifest["timings_s"]
     assert manifest["bio_rm_standard_facts"]["n"] > 0 and manifest["bio_rm_conservative_facts"]["n"] == 0
-    claims = [c["id"] for c in json.loads((tmp_path / "claims.json").read_text())["claims"]]
-    assert claims == [f"{kind}.{task}.{name}" for task in ("bio", "plot") for kind, name in (
-        ("fig5", "standard_overestimates"), ("fig5", "conservative_below_standard"), ("table", "order"))]
+    claims = {c["id"]: c for c in json.loads((tmp_path / "claims.json").read_text())["claims"]}
+    assert list(claims) == [f"{kind}.{task}.{name}" for task in ("bio", "plot") for kind, name in (
+        ("fig5", "standard_overestimates"), ("fig5", "conservative_below_standard"), ("table", "order"),
+        ("fig7", "fewer_false"))]
+    assert claims["fig7.bio.fewer_false"]["value"] is None and not claims["fig7.bio.fewer_false"]["passed"]
     fractions = pd.read_csv(tmp_path / "table_fraction_true.csv").set_index("task")
     for task in ("bio", "plot"):
         frame = pd.read_csv(tmp_path / f"{task}_sft_responses.csv")
