@@ -222,21 +222,18 @@ def table_claim(task: str, fractions: dict[str, float]) -> results.Claim:
                          min(rl - sft_ - 0.10, rl - standard - 0.05), ">=", 0.0)
 
 
-FIG7_STATEMENT = ("RL + conservative RM has fewer false facts per response than SFT in every occupied bin and at least "
-                  "0.8x its true facts averaged over the bins (value: the smaller margin, false facts fewer in the "
-                  "closest bin or the true-fact ratio - 0.8)")
-
-
 def fig7_claim(task: str, facts: pd.DataFrame) -> results.Claim:
     """Fig. 7 on one task's `facts_by_method` table: RL + conservative RM writes fewer false facts per response than
     SFT in every occupied bin, and its true facts, averaged over those bins, are at least 0.8x SFT's."""
     by = {m: t[t["count"] > 0].set_index("bin") for m, t in facts.groupby("method")}
-    if "rl_conservative" not in by:  # no policy was trained (a reward model without data)
-        return results.claim(f"fig7.{task}.fewer_false", FIG7_STATEMENT, float("nan"), ">", 0.0)
-    sft_, rl = by["sft"], by["rl_conservative"].reindex(by["sft"].index)
-    fewer = (sft_.n_false_mean - rl.n_false_mean).min()
-    kept = rl.n_true_mean.mean() / sft_.n_true_mean.mean()
-    return results.claim(f"fig7.{task}.fewer_false", FIG7_STATEMENT, min(fewer, kept - 0.8), ">", 0.0)
+    value = float("nan")  # no conservative policy was trained (a reward model without data)
+    if "rl_conservative" in by:
+        sft_, rl = by["sft"], by["rl_conservative"].reindex(by["sft"].index)
+        value = min((sft_.n_false_mean - rl.n_false_mean).min(), rl.n_true_mean.mean() / sft_.n_true_mean.mean() - 0.8)
+    return results.claim(f"fig7.{task}.fewer_false", "RL + conservative RM has fewer false facts per response than SFT "
+                         "in every occupied bin and at least 0.8x its true facts averaged over the bins (value: the "
+                         "smaller margin, false facts fewer in the closest bin or the true-fact ratio - 0.8)",
+                         value, ">", 0.0)
 
 
 @dataclass
