@@ -112,6 +112,14 @@ def add_lora(model, settings: LoraSettings = LoraSettings(), *, seed: int):
         return get_peft_model(model, config)
 
 
+def adapter_signature(model) -> dict:
+    """A model's trainable adapters (rank, scale, dropout, modules, trained token rows), for cache keys: two runs
+    that differ only there must not share a cached checkpoint. Empty for a model without adapters."""
+    return {name: {"r": c.r, "alpha": c.lora_alpha, "dropout": c.lora_dropout,
+                   "target_modules": sorted(c.target_modules), "trainable_tokens": c.trainable_token_indices}
+            for name, c in getattr(model, "peft_config", {}).items()}
+
+
 def merge_lora(peft_model):
     """Fold the adapter into the base weights (the PPO starting point, SPEC.md 0.1)."""
     return peft_model.merge_and_unload()

@@ -1,6 +1,7 @@
 import math
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 import torch
 
@@ -134,6 +135,25 @@ def test_value_only_warm_up_leaves_the_policy_untouched(tiny_tokenizer, tmp_path
     for n, p in policy.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, before[n]), n
+
+
+def test_the_cache_key_names_the_policys_adapter(tiny_tokenizer, tmp_path, monkeypatch):
+    """Two PPO runs from the same starting point whose adapters differ only in their modules must not share a cached
+    checkpoint (the second would resume the first's optimizer state and fail, or worse, load it)."""
+    from common import results
+
+    monkeypatch.setenv("UNFAMILIAR_CACHE", str(tmp_path / "cache"))
+    folders = []
+    monkeypatch.setattr(ppo, "train_ppo", lambda policy, tokenizer, prompts, score, cfg, out_dir, seed, **kw:
+                        (folders.append(out_dir), (None, pd.DataFrame({"step": [0]})))[1])
+    run = results.Run(tmp_path / "out", "exp", "micro", "default", 0)
+    cfg = ppo.PPOConfig(total_steps=2, num_rollouts=2, chunk_size=2, batch_size=2)
+    for modules in (("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("v_proj", "q_proj")):
+        policy = models.add_lora(tiny_llama(tiny_tokenizer, hidden=16),
+                                 models.LoraSettings(r=4, alpha=8, target_modules=modules), seed=0)
+        ppo.train_cached(policy, tiny_tokenizer, PROMPTS[:2], lambda i, t: [0.0] * len(t), cfg, "p", run, seed=0,
+                         init_key="start")
+    assert folders[0] != folders[1] and folders[0] == folders[2]
 
 
 def test_reward_tables():

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from common import cache, training
+from common import cache, models, training
 from common.rl import rollouts
 
 log = logging.getLogger(__name__)
@@ -244,10 +244,10 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PP
 def train_cached(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PPOConfig, name: str, run,
                  seed: int, init_key: str, key: Sequence = (), resume: bool = False,
                  evaluate: Callable[[int], dict] | None = None) -> pd.DataFrame:
-    """`train_ppo` in a cache folder named by the starting point (`init_key`), the run's name, settings, seed and
-    prompts, and `key`: everything else the cached run depends on (the reward, the curve evaluations' settings).
-    Writes the curves as {name}_curves.csv and returns them."""
-    out_dir = cache.cache_dir("ppo", init_key, name, cfg, seed, list(prompts), *key)
+    """`train_ppo` in a cache folder named by the starting point (`init_key`), the policy's adapter, the run's name,
+    settings, seed and prompts, and `key`: everything else the cached run depends on (the reward, the curve
+    evaluations' settings). Writes the curves as {name}_curves.csv and returns them."""
+    out_dir = cache.cache_dir("ppo", init_key, models.adapter_signature(policy), name, cfg, seed, list(prompts), *key)
     run.cache_hits[f"ppo_{name}"] = training.is_finished(out_dir, cfg)
     with run.stage(f"ppo_{name}"):
         _, curves = train_ppo(policy, tokenizer, prompts, score, cfg, out_dir, seed, resume=resume,
