@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from common import models
+from common import models, results
 from common.rl import ppo, rollouts
 from conftest import tiny_llama
 
@@ -139,9 +139,7 @@ def test_value_only_warm_up_leaves_the_policy_untouched(tiny_tokenizer, tmp_path
 
 def test_the_cache_key_names_the_policys_adapter(tiny_tokenizer, tmp_path, monkeypatch):
     """Two PPO runs from the same starting point whose adapters differ only in their modules must not share a cached
-    checkpoint (the second would resume the first's optimizer state and fail, or worse, load it)."""
-    from common import results
-
+    checkpoint (the second would load the first's finished run as its own, or resume it with the wrong shapes)."""
     monkeypatch.setenv("UNFAMILIAR_CACHE", str(tmp_path / "cache"))
     folders = []
     monkeypatch.setattr(ppo, "train_ppo", lambda policy, tokenizer, prompts, score, cfg, out_dir, seed, **kw:
