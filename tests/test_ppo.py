@@ -142,8 +142,12 @@ def test_the_cache_key_names_the_policys_adapter(tiny_tokenizer, tmp_path, monke
     checkpoint (the second would load the first's finished run as its own, or resume it with the wrong shapes)."""
     monkeypatch.setenv("UNFAMILIAR_CACHE", str(tmp_path / "cache"))
     folders = []
-    monkeypatch.setattr(ppo, "train_ppo", lambda policy, tokenizer, prompts, score, cfg, out_dir, seed, **kw:
-                        (folders.append(out_dir), (None, pd.DataFrame({"step": [0]})))[1])
+
+    def record_folder(policy, tokenizer, prompts, score, cfg, out_dir, seed, **kwargs):
+        folders.append(out_dir)
+        return None, pd.DataFrame({"step": [0]})
+
+    monkeypatch.setattr(ppo, "train_ppo", record_folder)
     run = results.Run(tmp_path / "out", "exp", "micro", "default", 0)
     cfg = ppo.PPOConfig(total_steps=2, num_rollouts=2, chunk_size=2, batch_size=2)
     for modules in (("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("v_proj", "q_proj")):

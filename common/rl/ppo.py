@@ -194,7 +194,7 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PP
     step, history, loop, last_good = training.begin(policy, optimizer, scheduler, out_dir, cfg, resume, desc,
                                                     {"value_head": value_head})
     order = rollouts.PromptOrder(len(prompts), [seed, 31], loop)
-    models = (acc.prepare_model(policy), acc.prepare_model(value_head)) if n_proc > 1 else (policy, value_head)
+    trained = (acc.prepare_model(policy), acc.prepare_model(value_head)) if n_proc > 1 else (policy, value_head)
 
     if evaluate is not None and step == 0 and acc.is_main_process:  # the starting point, for the curves
         policy.eval()
@@ -214,7 +214,7 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], score: ScoreFn, cfg: PP
             share = cfg.batch_size // n_proc
             for b in range(0, len(store), share):
                 minibatch = [store[i] for i in permutation[b : b + share]]
-                stats = ppo_step(*models, optimizer, tokenizer, minibatch, cfg, step, desc, last_good)
+                stats = ppo_step(*trained, optimizer, tokenizer, minibatch, cfg, step, desc, last_good)
                 scheduler.step()
                 step += 1
                 row = {"step": step, **round_stats, **stats, "lr": scheduler.get_last_lr()[0]}
