@@ -125,6 +125,12 @@ class WorldConfig:
     n_works: int = 250
     max_exposure: int = 127  # exposures are log-uniform integers in [0, max_exposure]
     doc_mix: tuple = (("statement", 0.4), ("qa", 0.2), ("mc", 0.1), ("profile", 0.3))
+    # The share of multiple-choice items answered with the right option's text rather than its letter. With letters
+    # only, the model never learnt to recall a fact across the four options: read before any finetuning (seed 2),
+    # its likelihood of the right option's text after an item is 0.24 in the most familiar bin (chance; 0.997 after
+    # "Q: ...\nA:"), and exp03's MMLU starting point answered its familiar questions right 0.22 of the time at T=1.
+    # With half the items answered by text: 0.85 after an item, and exp03 holds all three MMLU claims (README).
+    mc_text_answers: float = 0.5
     # The held-out share of facts: never written as a multiple-choice item, so every skill measured on them has
     # generalised; they are also the experiments' evaluation pool (`World.split_facts`).
     heldout_frac: float = 0.3
@@ -258,8 +264,9 @@ def mc_item(entity: Entity, attribute: Attribute, rng: np.random.Generator) -> t
 
 
 def entity_document(entity: Entity, kind: str, rng: np.random.Generator,
-                    attrs: tuple[Attribute, ...] | None = None) -> str:
-    """One pretraining document about `entity` stating facts of `attrs` (default: all its attributes)."""
+                    attrs: tuple[Attribute, ...] | None = None, mc_text_answers: float = 0.0) -> str:
+    """One pretraining document about `entity` stating facts of `attrs` (default: all its attributes); a
+    multiple-choice item is answered with its option's text with probability `mc_text_answers`, else its letter."""
     attrs = attributes_of(entity) if attrs is None else attrs
     if kind == "profile":
         return profile_sentence(entity)
@@ -268,8 +275,9 @@ def entity_document(entity: Entity, kind: str, rng: np.random.Generator,
         return " ".join(str(rng.choice(a.statements)).format(e=entity.name, v=entity.facts[a.name]) for a in chosen)
     if kind == "qa":
         return "\n\n".join(f"Q: {a.question.format(e=entity.name)}\nA: {entity.facts[a.name]}" for a in chosen)
-    item = mc_item(entity, chosen[0], rng)  # an exam item with its letter answer, sometimes under MMLU's header
-    body = f"{tasks.mc_block(item)} {tasks.LETTERS[item.answer]}"
+    item = mc_item(entity, chosen[0], rng)  # an exam item with its answer, sometimes under MMLU's header
+    answer = item.choices[item.answer] if rng.random() < mc_text_answers else tasks.LETTERS[item.answer]
+    body = f"{tasks.mc_block(item)} {answer}"
     return tasks.mmlu_header(item.subject) + body if rng.random() < 0.3 else body
 
 
@@ -293,7 +301,7 @@ def knowledge_documents(entities: list[Entity], cfg: WorldConfig, seed: int) -> 
         for kind in rng.choice(kinds, size=entity.exposure, p=p):
             if kind == "mc" and not askable:
                 kind = "statement"
-            text = entity_document(entity, str(kind), rng, askable if kind == "mc" else None)
+            text = entity_document(entity, str(kind), rng, askable if kind == "mc" else None, cfg.mc_text_answers)
             (passages[kind] if kind in GROUPED else docs).append(text)
     for kind, separator in GROUPED.items():
         items = [passages[kind][j] for j in rng.permutation(len(passages[kind]))]
