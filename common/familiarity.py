@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 EXPOSURE_BINS = ((0, 0), (1, 2), (3, 5), (6, 10), (11, 20), (21, 40), (41, 80), (81, 10**9))
 MC_SCORING = "cloze"  # the synthetic scale's MMLU scoring: a bare letter is knowledge and binding in one step
 TABLE_COLUMNS = ("exposure_bin", "n_entities", "qa_accuracy", "qa_t1_accuracy", "mc_accuracy", "letter_accuracy",
-                 "verify_separation", "rm_probe_separation")
+                 "item_recall_accuracy", "verify_separation", "rm_probe_separation")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def verification_prompts(questions: list[tasks.QAQuestion], candidates: list[str
 
 def measure_facts(world: W.World, probe: ProbeConfig) -> pd.DataFrame:
     """One row per fact: greedy Q/A correctness for every fact (the reward-model probe picks its familiar
-    training facts by it); on held-out facts also T=1 Q/A accuracy, cloze and 5-shot letter correctness, and the
+    training facts by it); on held-out facts also T=1 Q/A accuracy, cloze, item recall and 5-shot letter correctness, and the
     5-shot direct verifier's P(True) for the right and for a wrong candidate."""
     tok, model = world.tokenizer, world.model
     facts, heldout = world.facts(), world.heldout()
@@ -95,6 +95,7 @@ def measure_facts(world: W.World, probe: ProbeConfig) -> pd.DataFrame:
 
     answer_idx = np.array([q.answer for q in mc["eval"]])
     cloze = unfamiliarity.mmlu_choice_probs(model, tok, mc["eval"], {}, scoring="cloze", batch_size=probe.batch_size)
+    item = unfamiliarity.mmlu_choice_probs(model, tok, mc["eval"], {}, scoring="item", batch_size=probe.batch_size)
     letter = unfamiliarity.mmlu_choice_probs(model, tok, mc["eval"], unfamiliarity_exemplars(mc["fewshot"]),
                                              scoring="letter", batch_size=probe.batch_size)
 
@@ -115,6 +116,7 @@ def measure_facts(world: W.World, probe: ProbeConfig) -> pd.DataFrame:
     held_rows = frame.index[frame.heldout]
     frame.loc[held_rows, "qa_t1_accuracy"] = qa_t1
     frame.loc[held_rows, "cloze_correct"] = (cloze.argmax(-1).numpy() == answer_idx).astype(float)
+    frame.loc[held_rows, "item_recall_correct"] = (item.argmax(-1).numpy() == answer_idx).astype(float)
     frame.loc[held_rows, "letter_correct"] = (letter.argmax(-1).numpy() == answer_idx).astype(float)
     frame.loc[held_rows, "verify_p_right"] = p_true[0::2]
     frame.loc[held_rows, "verify_p_wrong"] = p_true[1::2]
@@ -210,6 +212,7 @@ def familiarity_table(per_fact: pd.DataFrame) -> pd.DataFrame:
             "n_entities": int(((entity_exposure >= lo) & (entity_exposure <= hi)).sum()),
             "qa_accuracy": part.qa_correct.mean(), "qa_t1_accuracy": part.qa_t1_accuracy.mean(),
             "mc_accuracy": part[f"{MC_SCORING}_correct"].mean(), "letter_accuracy": part.letter_correct.mean(),
+            "item_recall_accuracy": part.item_recall_correct.mean(),
             "verify_separation": part.verify_p_right.mean() - part.verify_p_wrong.mean(),
             "rm_probe_separation": part.rm_p_right.mean() - part.rm_p_wrong.mean()})
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
@@ -231,6 +234,8 @@ def gates(table: pd.DataFrame, in_context: dict[str, float]) -> list[results.Cla
                       ">=", 0.9),
         results.claim("world.cloze_most_exposed", "most exposed bin: cloze multiple-choice accuracy",
                       top.mc_accuracy, ">=", 0.9),
+        results.claim("world.item_recall_most_exposed", "most exposed bin: the right option's text is the likeliest "
+                      "after a multiple-choice item (recall across the options)", top.item_recall_accuracy, ">=", 0.8),
         results.claim("world.qa_unexposed", "no exposure: greedy 5-shot Q/A accuracy", none.qa_accuracy, "<=", 0.1),
         results.claim("world.cloze_unexposed", "no exposure: cloze multiple-choice accuracy (chance 0.25)",
                       none.mc_accuracy, "<=", 0.35),

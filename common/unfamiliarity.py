@@ -74,16 +74,18 @@ def mmlu_choice_probs(model, tokenizer, questions: Sequence[tasks.MCQuestion],
         letter_ids = sampling.next_token_ids(tokenizer, prompts[0], [" " + L for L in tasks.LETTERS])
         return sampling.choice_probs(model, tokenizer, prompts, letter_ids, batch_size=batch_size,
                                      desc="unfamiliarity: letters")
-    if scoring == "cloze":
+    if scoring in ("cloze", "item"):
         # Continuations are tokenized on their own: Llama's and the synthetic tokenizer's dummy prefix gives
-        # each option its leading space.
-        prompts = [f"Q: {q.question}\nA:" for q in questions for _ in q.choices]
+        # each option its leading space. "item" asks after the whole item, its options in between (the world's
+        # measure of recall across options; not an unfamiliarity score).
+        prompts = [f"Q: {q.question}\nA:" if scoring == "cloze" else tasks.mc_block(q)
+                   for q in questions for _ in q.choices]
         options = [c for q in questions for c in q.choices]
         logp, n_tokens = sampling.continuation_logprobs(model, tokenizer, prompts, options,
-                                                        batch_size=batch_size * 4, desc="unfamiliarity: cloze")
+                                                        batch_size=batch_size * 4, desc=f"unfamiliarity: {scoring}")
         per_token = (logp / n_tokens.clamp(min=1)).view(len(questions), len(tasks.LETTERS))
         return torch.softmax(per_token, dim=-1)
-    raise ValueError(f"unknown MMLU scoring {scoring!r}; use 'letter' or 'cloze'")
+    raise ValueError(f"unknown MMLU scoring {scoring!r}; use 'letter', 'cloze' or 'item'")
 
 
 def fewshot_samples(model, tokenizer, questions: Sequence[tasks.QAQuestion],

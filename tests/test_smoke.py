@@ -26,14 +26,15 @@ def test_world_entry_point_writes_familiarity(tmp_path):
     assert proc.stdout.splitlines()[0].startswith("scale: synthetic")
     table = pd.read_csv(tmp_path / "familiarity.csv")
     assert list(table.columns) == ["exposure_bin", "n_entities", "qa_accuracy", "qa_t1_accuracy", "mc_accuracy",
-                                   "letter_accuracy", "verify_separation", "rm_probe_separation"]
+                                   "letter_accuracy", "item_recall_accuracy", "verify_separation",
+                                   "rm_probe_separation"]
     assert table.exposure_bin.iloc[0] == "0"
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["cache_hits"]["world"] is False
     assert {"build_or_load_world", "measure_in_context_skills", "measure_knowledge"} <= set(manifest["timings_s"])
     assert set(manifest["in_context"]) == {"induction", "equality_separation", "letter_binding"}
     claims = [c["id"] for c in json.loads((tmp_path / "claims.json").read_text())["claims"]]
-    assert "world.letter_binding" in claims and "world.rm_probe_separation" in claims
+    assert {"world.letter_binding", "world.item_recall_most_exposed", "world.rm_probe_separation"} <= set(claims)
     assert (tmp_path / "familiarity.png").stat().st_size > 0
 
 

@@ -158,6 +158,7 @@ def test_familiarity_table_bins_held_out_facts_by_exposure():
         "heldout": [True, True, True, True, True, True, False],
         "qa_correct": [0, 1, 0, 1, 1, 0, 1], "qa_t1_accuracy": [0, 0.5, 0, 1, 0.75, 0.25, np.nan],
         "cloze_correct": [1, 0, 0, 1, 1, 1, np.nan], "letter_correct": [0, 0, 0, 1, 0, 0, np.nan],
+        "item_recall_correct": [0, 0, 1, 1, 1, 0, np.nan],
         "verify_p_right": [0.5, 0.5, 0.5, 0.9, 0.7, 0.5, np.nan], "verify_p_wrong": [0.5, 0.5, 0.5, 0.1, 0.3, 0.5, np.nan],
         "rm_p_right": [0.2, 0.4, 0.5, 1.0, 0.8, 0.9, np.nan], "rm_p_wrong": [0.2, 0.4, 0.5, 0.0, 0.2, 0.3, np.nan]})
     table = F.familiarity_table(per_fact)
@@ -169,11 +170,14 @@ def test_familiarity_table_bins_held_out_facts_by_exposure():
     # the 81+ bin holds three held-out facts of c and d; d's finetuning-pool fact is not counted
     assert last.qa_accuracy == pytest.approx(2 / 3) and last.qa_t1_accuracy == pytest.approx(2 / 3)
     assert last.letter_accuracy == pytest.approx(1 / 3)
+    assert last.item_recall_accuracy == pytest.approx(2 / 3)
     assert last.verify_separation == pytest.approx(0.7 - 0.3)  # (0.9 + 0.7 + 0.5) / 3 - (0.1 + 0.3 + 0.5) / 3
     assert last.rm_probe_separation == pytest.approx(0.9 - 0.5 / 3)
     claims = {c.id: c for c in F.gates(table, {"induction": 1.0, "equality_separation": 0.9, "letter_binding": 0.5})}
     assert claims["world.letter_binding"].passed is False and claims["world.induction"].passed
     assert claims["world.rm_probe_separation"].value == pytest.approx(0.9 - 0.5 / 3)
+    assert claims["world.item_recall_most_exposed"].value == pytest.approx(2 / 3)
+    assert claims["world.item_recall_most_exposed"].passed is False  # below 0.8
 
 
 def test_micro_world_builds_once_then_loads_from_cache():
