@@ -126,11 +126,11 @@ class WorldConfig:
     max_exposure: int = 127  # exposures are log-uniform integers in [0, max_exposure]
     doc_mix: tuple = (("statement", 0.4), ("qa", 0.2), ("mc", 0.1), ("profile", 0.3))
     # The share of multiple-choice items answered with the right option's text rather than its letter. With letters
-    # only, the model never learnt to recall a fact across the four options: read before any finetuning (seed 2),
-    # its likelihood of the right option's text after an item is 0.24 in the most familiar bin (chance; 0.997 after
-    # "Q: ...\nA:"), and exp03's MMLU starting point answered its familiar questions right 0.22 of the time at T=1.
-    # With half the items answered by text: 0.85 after an item, and exp03 holds all three MMLU claims (README).
-    mc_text_answers: float = 0.5
+    # only, the model never learnt to recall a fact across the four options: before any finetuning, the right
+    # option's text is the likeliest after an item for 0.23 of the most familiar evaluation questions (seed 2;
+    # chance; 1.00 after "Q: ...\nA:"). Half the items by text: 0.92 on seed 2, 0.60 on seed 1; all of them: 0.94
+    # on seed 1. exp03's MMLU claims on these worlds are in its README (session of 2026-11-24).
+    mc_text_answers: float = 1.0
     # The held-out share of facts: never written as a multiple-choice item, so every skill measured on them has
     # generalised; they are also the experiments' evaluation pool (`World.split_facts`).
     heldout_frac: float = 0.3
