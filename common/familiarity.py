@@ -74,8 +74,8 @@ def verification_prompts(questions: list[tasks.QAQuestion], candidates: list[str
 
 def measure_facts(world: W.World, probe: ProbeConfig) -> pd.DataFrame:
     """One row per fact: greedy Q/A correctness for every fact (the reward-model probe picks its familiar
-    training facts by it); on held-out facts also T=1 Q/A accuracy, cloze, item recall and 5-shot letter correctness, and the
-    5-shot direct verifier's P(True) for the right and for a wrong candidate."""
+    training facts by it); on held-out facts also T=1 Q/A accuracy, cloze, item-recall and 5-shot letter
+    correctness, and the 5-shot direct verifier's P(True) for the right and for a wrong candidate."""
     tok, model = world.tokenizer, world.model
     facts, heldout = world.facts(), world.heldout()
     qa = world.triviaqa_splits()
