@@ -266,7 +266,7 @@ def mc_item(entity: Entity, attribute: Attribute, rng: np.random.Generator) -> t
 
 
 def entity_document(entity: Entity, kind: str, rng: np.random.Generator,
-                    attrs: tuple[Attribute, ...] | None = None, mc_text_answers: float = 0.0) -> str:
+                    attrs: tuple[Attribute, ...] | None = None, *, mc_text_answers: float) -> str:
     """One pretraining document about `entity` stating facts of `attrs` (default: all its attributes); a
     multiple-choice item is answered with its option's text with probability `mc_text_answers`, else its letter."""
     attrs = attributes_of(entity) if attrs is None else attrs
@@ -303,7 +303,8 @@ def knowledge_documents(entities: list[Entity], cfg: WorldConfig, seed: int) -> 
         for kind in rng.choice(kinds, size=entity.exposure, p=p):
             if kind == "mc" and not askable:
                 kind = "statement"
-            text = entity_document(entity, str(kind), rng, askable if kind == "mc" else None, cfg.mc_text_answers)
+            text = entity_document(entity, str(kind), rng, askable if kind == "mc" else None,
+                                  mc_text_answers=cfg.mc_text_answers)
             (passages[kind] if kind in GROUPED else docs).append(text)
     for kind, separator in GROUPED.items():
         items = [passages[kind][j] for j in rng.permutation(len(passages[kind]))]

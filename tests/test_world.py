@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from common import world as W
+from common import tasks, world as W
 
 
 def test_log_uniform_exposures_cover_the_range():
@@ -60,19 +60,19 @@ def test_no_multiple_choice_item_asks_about_a_heldout_fact():
     assert 0.2 < heldout.mean() < 0.4  # about heldout_frac of the facts, whatever their exposure
 
 
-
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
 def test_multiple_choice_items_are_answered_by_text_at_the_configured_share(share):
     cfg = W.WorldConfig(n_people=40, n_works=20, doc_mix=(("mc", 1.0),), mc_text_answers=share)
     docs = W.knowledge_documents(W.build_knowledge_base(cfg, 0), cfg, 0)
-    by_text = []
+    option_labels, by_text = [f"{L}. " for L in tasks.LETTERS], []
     for doc in docs:
-        options = [line[3:] for line in doc.split("\n") if line[:3] in ("A. ", "B. ", "C. ", "D. ")]
+        options = [line[3:] for line in doc.split("\n") if line[:3] in option_labels]
         answer = doc.rsplit("Answer: ", 1)[1]
-        assert len(options) == 4 and (answer in options or answer in ("A", "B", "C", "D")), doc
+        assert len(options) == 4 and (answer in options or answer in tasks.LETTERS), doc
         by_text.append(answer in options)
     assert len(docs) > 100
     assert np.mean(by_text) == pytest.approx(share, abs=0.08)
+
 
 def test_skill_documents_are_fresh_each_epoch_and_need_no_world_fact():
     cfg = W.SkillConfig(induction=3, equality=4, membership=6, answer_keys=5, key_entries=3)
