@@ -79,7 +79,7 @@ def measure_facts(world: W.World, probe: ProbeConfig) -> pd.DataFrame:
     tok, model = world.tokenizer, world.model
     facts, heldout = world.facts(), world.heldout()
     qa = world.triviaqa_splits()
-    mc = world.mmlu_splits()
+    mc = world.mmlu_splits(eval_variants=1)  # one question per held-out fact, in `held_facts` order
     pool, held = qa["finetune"], qa["eval"]
     held_facts = [f for f, h in zip(facts, heldout) if h]
 

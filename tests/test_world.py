@@ -191,3 +191,16 @@ def test_micro_world_builds_once_then_loads_from_cache():
     docs = W.knowledge_documents(first.entities, preset.world, 0)
     assert W.world_key(preset, 0, docs) != W.world_key(preset, 1, docs)
     assert W.world_key(preset, 0, docs) != W.world_key(preset, 0, docs[:-1])  # any corpus change rebuilds
+
+
+def test_evaluation_pool_asks_each_heldout_fact_again_with_fresh_distractors():
+    preset = W.PRESETS["micro"]
+    world = W.World(preset, 0, W.build_knowledge_base(preset.world, 0), None, None, None, {})
+    one, three = world.mmlu_splits(eval_variants=1), world.mmlu_splits(eval_variants=3)
+    n = len(one["eval"])
+    assert n > 0 and three["finetune"] == one["finetune"] and three["eval"][:n] == one["eval"]
+    assert len(three["eval"]) == 3 * n
+    for k, q in enumerate(one["eval"]):
+        variants = [three["eval"][k + v * n] for v in range(3)]
+        assert {(x.question, x.choices[x.answer]) for x in variants} == {(q.question, q.choices[q.answer])}
+        assert len({frozenset(x.choices) for x in variants}) == 3  # 3 of 23+ other values: a repeat is unlikely
