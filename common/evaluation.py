@@ -32,10 +32,9 @@ def mmlu_answer_distribution(model, tokenizer, questions: Sequence[tasks.MCQuest
     if answer != "letter":
         answers = [[tasks.mmlu_sft_answer(c, j, answer) for j in range(4)] for c in options]
         answers = [a + [tasks.ABSTAIN_LETTER] if abstain else a for a in answers]
-        logp, _ = sampling.continuation_logprobs(model, tokenizer, np.repeat(prompts, len(letters)).tolist(),
-                                                 [a for row in answers for a in row], batch_size=batch_size,
+        logp, _ = sampling.continuation_logprobs(model, tokenizer, prompts, answers, batch_size=batch_size,
                                                  desc="evaluate answers")
-        probs = torch.softmax(logp.view(-1, len(letters)), dim=-1).numpy()
+        probs = torch.softmax(logp, dim=-1).numpy()
     else:
         probs = sampling.choice_probs(model, tokenizer, prompts, sampling.first_token_ids(tokenizer, letters),
                                       batch_size=batch_size, desc="evaluate letters").numpy()

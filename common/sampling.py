@@ -187,35 +187,46 @@ def choice_probs(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[in
 
 
 @torch.no_grad()
-def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str],
+def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuations: Sequence[Sequence[str]],
                           batch_size: int = 64, desc: str = "score continuations") -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of log-probabilities of each continuation given its prompt, and its token count.
+    """For each prompt and each of its k continuations: the sum of the continuation's log-probabilities given the
+    prompt, and its token count; [n_prompts, k] each.
 
     Prompt and continuation are tokenized separately and concatenated (as the SFT pairs are), so the
-    continuation's tokens are exactly those scored.
+    continuation's tokens are exactly those scored. Each prompt runs once and its KV cache serves its k
+    continuations (4-5 answers of a few tokens after a 40-token question: about 4x fewer tokens than scoring each
+    pair whole; the same sums to float precision, tested).
     """
+    k = len(continuations[0]) if len(continuations) else 0
+    if any(len(c) != k for c in continuations) or any(not c for cs in continuations for c in cs):
+        raise ValueError("continuation_logprobs needs the same number of non-empty continuations for every prompt")
     device = _device(model)
     pad = tokenizer.pad_token_id
     sums, counts = [], []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False,
                       disable=len(prompts) <= batch_size):
-        p_ids = tokenizer(list(prompts[start : start + batch_size]), add_special_tokens=False).input_ids
-        c_ids = tokenizer(list(continuations[start : start + batch_size]), add_special_tokens=False).input_ids
-        seqs = [p + c for p, c in zip(p_ids, c_ids)]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        target_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-        for i, (s, c) in enumerate(zip(seqs, c_ids)):
-            input_ids[i, width - len(s) :] = torch.tensor(s)
-            attention[i, width - len(s) :] = 1
-            target_mask[i, width - len(c) :] = True
-        input_ids, attention, target_mask = input_ids.to(device), attention.to(device), target_mask.to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
-        mask = target_mask[:, 1:]
-        sums.append((logp * mask).sum(-1).cpu())
-        counts.append(mask.sum(-1).cpu())
+        enc = _encode(tokenizer, prompts[start : start + batch_size], device)
+        out = model(**enc, use_cache=True, logits_to_keep=1)
+        c_ids = tokenizer([c for cs in continuations[start : start + batch_size] for c in cs],
+                          add_special_tokens=False).input_ids
+        width = max(len(c) for c in c_ids)
+        conts = torch.full((len(c_ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(c_ids), width), dtype=torch.long)
+        for i, c in enumerate(c_ids):
+            conts[i, : len(c)], mask[i, : len(c)] = torch.tensor(c), 1
+        conts, mask = conts.to(device), mask.to(device)
+        first = torch.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(k, 0)
+        logp = first.gather(-1, conts[:, :1])[:, 0]
+        if width > 1:  # the continuations' own tokens, right-padded after the shared prompt
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(k)
+            attention = torch.cat([enc["attention_mask"].repeat_interleave(k, 0), mask[:, :-1]], dim=1)
+            logits = model(input_ids=conts[:, :-1], attention_mask=attention, past_key_values=cache,
+                           use_cache=True).logits.float()
+            rest = torch.log_softmax(logits, -1).gather(-1, conts[:, 1:, None])[..., 0]
+            logp = logp + (rest * mask[:, 1:]).sum(-1)
+        sums.append(logp.view(-1, k).cpu())
+        counts.append(mask.sum(-1).view(-1, k).cpu())
     return torch.cat(sums), torch.cat(counts)
 
 

@@ -78,13 +78,10 @@ def mmlu_choice_probs(model, tokenizer, questions: Sequence[tasks.MCQuestion],
         # Continuations are tokenized on their own: Llama's and the synthetic tokenizer's dummy prefix gives
         # each option its leading space. "item" asks after the whole item, its options in between (the world's
         # measure of recall across options; not an unfamiliarity score).
-        prompts = [f"Q: {q.question}\nA:" if scoring == "cloze" else tasks.mc_block(q)
-                   for q in questions for _ in q.choices]
-        options = [c for q in questions for c in q.choices]
-        logp, n_tokens = sampling.continuation_logprobs(model, tokenizer, prompts, options,
-                                                        batch_size=batch_size * 4, desc=f"unfamiliarity: {scoring}")
-        per_token = (logp / n_tokens.clamp(min=1)).view(len(questions), len(tasks.LETTERS))
-        return torch.softmax(per_token, dim=-1)
+        prompts = [f"Q: {q.question}\nA:" if scoring == "cloze" else tasks.mc_block(q) for q in questions]
+        logp, n_tokens = sampling.continuation_logprobs(model, tokenizer, prompts, [q.choices for q in questions],
+                                                        batch_size=batch_size, desc=f"unfamiliarity: {scoring}")
+        return torch.softmax(logp / n_tokens, dim=-1)
     raise ValueError(f"unknown MMLU scoring {scoring!r}; use 'letter', 'cloze' or 'item'")
 
 

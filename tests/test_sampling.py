@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common import sampling, tasks, unfamiliarity
-from conftest import last_token_model
+from conftest import last_token_model, tiny_llama
 
 LOG = math.log
 
@@ -84,11 +84,27 @@ def test_greedy_generation_and_truncate_at_stop(tiny_tokenizer):
 def test_continuation_logprobs_sum_over_continuation_tokens(tiny_tokenizer):
     model = paris_model(tiny_tokenizer)
     logp, n = sampling.continuation_logprobs(model, tiny_tokenizer, ["A:", "Q: Where was Velorin born?\nA:"],
-                                             ["Paris", "Paris\n"])
-    assert n.tolist() == [1, 2]
-    assert logp.tolist() == pytest.approx([0.0, 0.0], abs=1e-6)  # both tokens have probability ~1
-    logp, _ = sampling.continuation_logprobs(model, tiny_tokenizer, ["A:"], ["Rome"])
-    assert logp.item() == pytest.approx(-30.0 - LOG(1 + (len(tiny_tokenizer) - 1) * math.exp(-30)), abs=1e-3)
+                                             [["Paris", "Rome"], ["Paris\n", "Paris"]])
+    assert n.tolist() == [[1, 1], [2, 1]]
+    rome = -30.0 - LOG(1 + (len(tiny_tokenizer) - 1) * math.exp(-30))
+    assert logp.tolist() == [pytest.approx([0.0, rome], abs=1e-3), pytest.approx([0.0, 0.0], abs=1e-6)]
+
+
+def test_continuation_logprobs_share_the_prompt_cache_yet_equal_whole_sequence_scoring(tiny_tokenizer):
+    model = tiny_llama(tiny_tokenizer, hidden=16, init_std=0.5).eval()
+    prompts = ["Q: Where was Velorin born?\nA:", "A:", "The answer is"]
+    continuations = [["Paris", "Rome\n\nQ:", "I don't know."], ["B", "Paris Rome", "E"], ["Rome", "A B C D", "Paris."]]
+    logp, n = sampling.continuation_logprobs(model, tiny_tokenizer, prompts, continuations, batch_size=2)
+    for i, prompt in enumerate(prompts):
+        p_ids = tiny_tokenizer(prompt, add_special_tokens=False).input_ids
+        for j, c in enumerate(continuations[i]):
+            c_ids = tiny_tokenizer(c, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([p_ids + c_ids])).logits[0].float()
+            whole = torch.log_softmax(logits[len(p_ids) - 1 : -1], -1).gather(-1, torch.tensor(c_ids)[:, None]).sum()
+            assert n[i, j] == len(c_ids) and logp[i, j].item() == pytest.approx(whole.item(), abs=1e-4)
+    with pytest.raises(ValueError):
+        sampling.continuation_logprobs(model, tiny_tokenizer, prompts[:2], [["Paris"], ["Paris", "Rome"]])
 
 
 def test_next_token_ids_rejects_multi_token_continuations(tiny_tokenizer):
@@ -114,7 +130,6 @@ def test_choice_probs_take_token_ids_as_well_as_texts(tiny_tokenizer):
 
 
 def test_seeded_sampling_repeats_itself_and_leaves_the_global_rng_alone(tiny_tokenizer):
-    from conftest import tiny_llama
 
     model = tiny_llama(tiny_tokenizer, init_std=0.5)
     cfg = sampling.SamplingConfig(max_new_tokens=6, temperature=1.0, num_samples=3)
@@ -130,7 +145,6 @@ def test_seeded_sampling_repeats_itself_and_leaves_the_global_rng_alone(tiny_tok
 def test_static_kv_cache_samples_what_the_dynamic_one_does(tiny_tokenizer):
     """The static cache (`SamplingConfig.cache`, compiled by generate on CUDA) on prompts of unequal length, k
     samples each, a stop string: the same tokens as the dynamic cache from the same seed."""
-    from conftest import tiny_llama
 
     model = tiny_llama(tiny_tokenizer, init_std=0.5)
     prompts = ["Q: Where was Velorin born?\nA:", "A:", "Q: Where"]
