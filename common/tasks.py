@@ -150,8 +150,8 @@ def mmlu_sft_prompt(question: str, choices: Sequence[str], ending: str = "comma"
 def mmlu_sft_answer(choices: Sequence[str], position: int, answer: str = "letter") -> str:
     """The SFT target for the option at `position` in one of `MC_ANSWER_FORMATS`: its letter (SPEC.md section 2),
     the option's text, or the text followed by the letter ("Paris (B)"; text first, so the answer is chosen by what
-    the model knows and the letter, which a model that cannot bind letters to options picks by the targets' letter
-    distribution alone, cannot steer the text)."""
+    the model knows and the letter, which a model that cannot answer an item by letter from memory picks by the
+    targets' letter distribution alone, cannot steer the text)."""
     letter = LETTERS[position]
     if answer not in MC_ANSWER_FORMATS:
         raise ValueError(f"unknown answer format {answer!r}; expected one of {MC_ANSWER_FORMATS}")

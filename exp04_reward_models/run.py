@@ -62,10 +62,10 @@ PRESETS = {
         triviaqa_sft=sft.SFTConfig(lr=1e-5, batch_size=30, total_steps=8000, t_max=10_000, eta_min=1e-5,
                                    checkpoint_every=1000)),
     # The synthetic tokenizer knows only the written forms of answers (no lowercase city names), and its model
-    # cannot bind letters to options (exp01 README), so candidates are written as the option's text. The authors'
-    # composition, measured on the capable world, seed 0 (README): with the paper's, a distribution-1 reward model
-    # copies the candidate and approves it on familiar TriviaQA questions too (P(reward 1 | wrong) 0.43 in the most
-    # familiar bin; 0.18 with every familiar question shown with both labels).
+    # never answers an item by letter from memory (exp01 README), so candidates are written as the option's text. The
+    # authors' composition, measured on the capable world, seed 0 (README): with the paper's, a distribution-1 reward
+    # model copies the candidate and approves it on familiar TriviaQA questions too (P(reward 1 | wrong) 0.43 in the
+    # most familiar bin; 0.18 with every familiar question shown with both labels).
     "synthetic": Exp4Config(
         mmlu_sft=sft.SYNTHETIC_SFT, triviaqa_sft=sft.SYNTHETIC_SFT, reward_format="recall", mmlu_scoring="cloze",
         mmlu_answer="text", authors_composition=True,
