@@ -181,8 +181,11 @@ def triviaqa_target(value: str | None) -> str:
     return IDK if value is None else f"{ANSWER_PREFIX}{value}."
 
 
-def mmlu_rm_prompt(question: str, choices: Sequence[str], answer: str) -> str:
-    """The MMLU reward-model prompt (SPEC.md section 5): the Exp.1 prompt, the candidate answer and a newline."""
+def mmlu_rm_prompt(question: str, choices: Sequence[str], answer: str, options: bool = True) -> str:
+    """The MMLU reward-model prompt (SPEC.md section 5): the Exp.1 prompt, the candidate answer and a newline; without
+    `options`, the question and the candidate alone, in TriviaQA's form (exp04's synthetic preset)."""
+    if not options:
+        return triviaqa_rm_prompt(question, answer, normalize=False)
     return f"{mmlu_sft_prompt(question, choices)}{answer}\n"
 
 

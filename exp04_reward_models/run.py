@@ -38,6 +38,7 @@ class Exp4Config:
     reward_format: str = "direct"
     mmlu_scoring: str = "letter"  # how the base model's unfamiliarity is read (SPEC.md 1.1)
     mmlu_answer: str = "letter"  # the candidate answer in the prompt, one of tasks.MC_ANSWER_FORMATS
+    mmlu_options: bool = True  # the MMLU prompt shows the options (the paper's); False: the question alone
     triviaqa_scoring: unfamiliarity.QAScoringSettings = field(default_factory=unfamiliarity.QAScoringSettings)
     normalize_answers: bool = True  # TriviaQA candidates through the SQuAD normaliser, as the authors' code did
     wrong_answer_rounds: int = 4  # rounds of few-shot samples searched for each question's incorrect answer
@@ -65,17 +66,21 @@ PRESETS = {
     # never answers an item by letter from memory (exp01 README), so candidates are written as the option's text. The
     # authors' composition, measured on the capable world, seed 0 (README): with the paper's, a distribution-1 reward
     # model copies the candidate and approves it on familiar TriviaQA questions too (P(reward 1 | wrong) 0.43 in the
-    # most familiar bin; 0.18 with every familiar question shown with both labels).
+    # most familiar bin; 0.18 with every familiar question shown with both labels). The MMLU prompt leaves the
+    # options out: with them, the recall picks one of the four, so on an unfamiliar question it names the candidate
+    # at chance (0.24 in seed 1's most unfamiliar bin), and the distribution-2 verdict after it stayed soft on seed 1
+    # (familiar right / wrong 0.646 / 0.268; its claims -0.054 and 0.378) while seed 0's right answers in the most
+    # unfamiliar bin sat at 0.28-0.30 of the claim's 0.3. Without them (seeds 1 / 0): 0.857 / 0.024, claims 0.157 /
+    # 0.181 and 0.833 / 0.873; distribution 1 0.131 / 0.078 and 0.915 / 0.919 (with them 0.152 / 0.082, 0.833 / 0.887).
     "synthetic": Exp4Config(
         mmlu_sft=sft.SYNTHETIC_SFT, triviaqa_sft=sft.SYNTHETIC_SFT, reward_format="recall", mmlu_scoring="cloze",
-        mmlu_answer="text", authors_composition=True,
+        mmlu_answer="text", mmlu_options=False, authors_composition=True,
         triviaqa_scoring=unfamiliarity.QAScoringSettings(max_new_tokens=6, batch_size=64), normalize_answers=False,
         nll_bins=(0, 0.05, 0.357, 1.0, 1.4, 2.0), incorrect_bins=(0, 2, 4, 6, 8, 10, 13), eval_batch_size=256),
     "micro": Exp4Config(
         mmlu_sft=sft.MICRO_SFT, triviaqa_sft=sft.MICRO_SFT, lora=models.MICRO_LORA, reward_format="recall",
-        mmlu_scoring="cloze",
-        mmlu_answer="text", triviaqa_scoring=unfamiliarity.QAScoringSettings(n_samples=3, max_new_tokens=4,
-                                                                             batch_size=32),
+        mmlu_scoring="cloze", mmlu_answer="text", mmlu_options=False,
+        triviaqa_scoring=unfamiliarity.QAScoringSettings(n_samples=3, max_new_tokens=4, batch_size=32),
         normalize_answers=False, wrong_answer_rounds=2, nll_bins=(0, 0.5, 1.0, 5.0), incorrect_bins=(0, 2, 4),
         balance_groups=False, max_eval_questions=12),
 }
@@ -120,7 +125,8 @@ def mmlu_examples(questions: list[tasks.MCQuestion], familiar: np.ndarray, distr
         correct = int(rng.integers(len(tasks.LETTERS)))
         choices = tasks.place_correct(questions[i], correct, rng)
         prompts.append(tasks.mmlu_rm_prompt(questions[i].question, choices,
-                                            mmlu_candidate(choices, correct, reward, cfg.mmlu_answer, rng)))
+                                            mmlu_candidate(choices, correct, reward, cfg.mmlu_answer, rng),
+                                            cfg.mmlu_options))
     rows["recalled"] = [questions[i].correct_text for i in rows.question]  # what a recall-then-judge RM writes
     return prompts, rows
 
@@ -174,10 +180,10 @@ def run_mmlu(base, cfg: Exp4Config, distributions: list[int], run, run_args) -> 
 
     # Held-out questions in their original option order, with the right answer and a random wrong one.
     rng = np.random.default_rng([run_args.seed, 40])
-    right = [tasks.mmlu_rm_prompt(q.question, q.choices, tasks.mmlu_sft_answer(q.choices, q.answer, cfg.mmlu_answer))
-             for q in eval_questions]
-    wrong = [tasks.mmlu_rm_prompt(q.question, q.choices, mmlu_candidate(q.choices, q.answer, 0, cfg.mmlu_answer, rng))
-             for q in eval_questions]
+    right = [tasks.mmlu_rm_prompt(q.question, q.choices, tasks.mmlu_sft_answer(q.choices, q.answer, cfg.mmlu_answer),
+                                  cfg.mmlu_options) for q in eval_questions]
+    wrong = [tasks.mmlu_rm_prompt(q.question, q.choices, mmlu_candidate(q.choices, q.answer, 0, cfg.mmlu_answer, rng),
+                                  cfg.mmlu_options) for q in eval_questions]
     train_idx, val_idx = sft.validation_split(len(pool), cfg.checkpoint, run_args.seed)
     examples, validation = {}, {}
     for distribution in distributions:

@@ -22,6 +22,7 @@ def rm_tokenizer():
 
 def test_rm_prompts():
     assert tasks.mmlu_rm_prompt("Q?", ("a", "b", "c", "d"), "C") == "Q? A) a B) b C) c D) d , Answer: C\n"
+    assert tasks.mmlu_rm_prompt("Q?", ("a", "b", "c", "d"), "c", options=False) == "Q: Q?\nA: c\n"
     assert tasks.triviaqa_rm_prompt("Who?", "The Beatles!") == "Q: Who?\nA: beatles\n"
     assert tasks.triviaqa_rm_prompt("Who?", "The Beatles!", normalize=False) == "Q: Who?\nA: The Beatles!\n"
 
@@ -120,13 +121,16 @@ def test_composition_paper_and_authors():
 PAPER_COMPOSITION = dataclasses.replace(exp04.PRESETS["synthetic"], authors_composition=False)
 
 
-def test_mmlu_examples_name_the_right_or_a_wrong_option():
+@pytest.mark.parametrize("options", [True, False])
+def test_mmlu_examples_name_the_right_or_a_wrong_option(options):
     familiar = np.array([True] * 3 + [False] * 7)
-    prompts, rows = exp04.mmlu_examples(MC, familiar, 2, PAPER_COMPOSITION, np.random.default_rng(0))
+    cfg = dataclasses.replace(PAPER_COMPOSITION, mmlu_options=options)
+    prompts, rows = exp04.mmlu_examples(MC, familiar, 2, cfg, np.random.default_rng(0))
     assert len(prompts) == 6 and rows.familiar.sum() == 3  # unfamiliar resampled down to the familiar count
     for p, (i, reward) in zip(prompts, zip(rows.question, rows.reward)):
-        candidate = p.split(", Answer: ")[1].removesuffix("\n")
-        assert (candidate == f"right{i}") == bool(reward) and f") {candidate} " in p
+        candidate = p.split(", Answer: " if options else "\nA: ")[1].removesuffix("\n")
+        assert (candidate == f"right{i}") == bool(reward)
+        assert (f") {candidate} " in p) == options and p.startswith(MC[i].question if options else "Q: ")
     assert (rows[~rows.familiar].reward == 0).all()
 
 
