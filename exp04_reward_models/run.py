@@ -53,6 +53,11 @@ class Exp4Config:
     max_eval_questions: int | None = None
     checkpoint: str = "authors"  # the checkpoint rule, one of sft.CHECKPOINT_RULES (--checkpoint)
 
+    def __post_init__(self):
+        if not self.mmlu_options and self.mmlu_answer == "letter":
+            raise ValueError("an MMLU reward-model prompt without its options needs candidates written as text, "
+                             "not letters (mmlu_answer 'text' or 'text_letter')")
+
 
 PRESETS = {
     # SPEC.md section 5: MMLU batch 12, lr 1e-5 constant, checkpoint 10000; TriviaQA batch 30, lr 1e-5 (cosine with

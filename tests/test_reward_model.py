@@ -134,6 +134,11 @@ def test_mmlu_examples_name_the_right_or_a_wrong_option(options):
     assert (rows[~rows.familiar].reward == 0).all()
 
 
+def test_a_prompt_without_options_refuses_letter_candidates():
+    with pytest.raises(ValueError, match="without its options"):
+        dataclasses.replace(exp04.PRESETS["synthetic"], mmlu_answer="letter")
+
+
 def test_triviaqa_examples_balance_groups_and_skip_questions_without_a_wrong_answer():
     unfamiliar = np.array([False] * 6 + [True] * 4)
     wrong = np.array(["w0", "", "w2", "w3", "w4", "w5", "w6", "w7", "", "w9"], dtype=object)
