@@ -6,6 +6,8 @@ import torch
 from common import sampling, tasks, unfamiliarity
 from conftest import last_token_model, tiny_llama
 
+sample_shared_prefill = sampling.sample_shared_prefill
+
 LOG = math.log
 
 
@@ -155,6 +157,44 @@ def test_static_kv_cache_samples_what_the_dynamic_one_does(tiny_tokenizer):
     assert len({len(r) for rows in out for r in rows}) > 1  # some rows stopped early
     with pytest.raises(ValueError, match="unknown KV cache"):
         sampling.SamplingConfig(cache="paged")
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+@pytest.mark.parametrize("temperature, top_p, stop", [(1.0, 1.0, ("\n",)), (0.7, 0.8, ())])
+def test_samples_sharing_their_prompt_prefill_are_the_ones_generate_draws(tiny_tokenizer, monkeypatch, adapter,
+                                                                           temperature, top_p, stop):
+    """k samples per prompt from one prefill per prompt: token for token what transformers' generate (which
+    prefills every copy) draws from the same seed, on prompts of unequal length, with rows stopping early, with
+    the warpers, and through a peft adapter; and the global RNG is left alone."""
+    from common import models
+
+    model = tiny_llama(tiny_tokenizer, init_std=0.5)
+    if adapter:
+        model = models.add_lora(model, models.LoraSettings(r=2, alpha=4, target_modules=("q_proj", "v_proj")), seed=1)
+    prompts = ["Q: Where was Velorin born?\nA:", "A:", "Q: Where", "The answer is"]
+    cfg = sampling.SamplingConfig(max_new_tokens=7, temperature=temperature, top_p=top_p, num_samples=5, stop=stop,
+                                  batch_size=3)
+    calls = []
+    monkeypatch.setattr(sampling, "sample_shared_prefill",
+                        lambda *a: calls.append(1) or sample_shared_prefill(*a))
+    shared = sampling.generate_ids(model, tiny_tokenizer, prompts, cfg, generator_seed=11)
+    assert len(calls) == 2  # one per batch
+    expected = []
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        for start in range(0, len(prompts), cfg.batch_size):
+            enc = sampling._encode(tiny_tokenizer, prompts[start : start + cfg.batch_size], torch.device("cpu"))
+            width = enc["input_ids"].shape[1]
+            stopping = [sampling.StopOnStrings(tiny_tokenizer, stop, width)] if stop else None
+            seqs = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=temperature,
+                                  top_p=top_p, top_k=0, num_return_sequences=cfg.num_samples,
+                                  pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+                                  stopping_criteria=stopping)
+            rows = sampling._strip_padding(seqs[:, width:], tiny_tokenizer)
+            expected.extend(rows[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(rows) // 5))
+    assert shared == expected
+    assert len({len(r) for rows in shared for r in rows}) > 1  # some rows stopped early
+    assert len({tuple(r) for r in shared[0]}) > 1  # the samples of one prompt differ
 
 
 def metaspace_tokenizer():
