@@ -87,6 +87,8 @@ def generate_ids(model, tokenizer, prompts: Sequence[str], cfg: SamplingConfig, 
         gen_kwargs["cache_implementation"] = "static"
     if not greedy:
         gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+    # `generate` keeps what the shared prefill does not do: greedy decoding, the compiled static cache and the
+    # lockstep forward passes of a sharded model
     shared = not greedy and cfg.num_samples > 1 and cfg.cache == "dynamic" and not gen_kwargs["synced_gpus"]
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], enabled=generator_seed is not None):
         if generator_seed is not None:

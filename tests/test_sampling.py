@@ -177,7 +177,9 @@ def test_samples_sharing_their_prompt_prefill_are_the_ones_generate_draws(tiny_t
     calls = []
     monkeypatch.setattr(sampling, "sample_shared_prefill",
                         lambda *a: calls.append(1) or sample_shared_prefill(*a))
+    before = torch.get_rng_state()
     shared = sampling.generate_ids(model, tiny_tokenizer, prompts, cfg, generator_seed=11)
+    assert torch.equal(torch.get_rng_state(), before)
     assert len(calls) == 2  # one per batch
     expected = []
     with torch.random.fork_rng():
@@ -191,7 +193,8 @@ def test_samples_sharing_their_prompt_prefill_are_the_ones_generate_draws(tiny_t
                                   pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
                                   stopping_criteria=stopping)
             rows = sampling._strip_padding(seqs[:, width:], tiny_tokenizer)
-            expected.extend(rows[i * cfg.num_samples : (i + 1) * cfg.num_samples] for i in range(len(rows) // 5))
+            k = cfg.num_samples
+            expected.extend(rows[i * k : (i + 1) * k] for i in range(len(rows) // k))
     assert shared == expected
     assert len({len(r) for rows in shared for r in rows}) > 1  # some rows stopped early
     assert len({tuple(r) for r in shared[0]}) > 1  # the samples of one prompt differ
