@@ -6,8 +6,6 @@ import torch
 from common import sampling, tasks, unfamiliarity
 from conftest import last_token_model, tiny_llama
 
-sample_shared_prefill = sampling.sample_shared_prefill
-
 LOG = math.log
 
 
@@ -174,9 +172,8 @@ def test_samples_sharing_their_prompt_prefill_are_the_ones_generate_draws(tiny_t
     prompts = ["Q: Where was Velorin born?\nA:", "A:", "Q: Where", "The answer is"]
     cfg = sampling.SamplingConfig(max_new_tokens=7, temperature=temperature, top_p=top_p, num_samples=5, stop=stop,
                                   batch_size=3)
-    calls = []
-    monkeypatch.setattr(sampling, "sample_shared_prefill",
-                        lambda *a: calls.append(1) or sample_shared_prefill(*a))
+    calls, shared_prefill = [], sampling.sample_shared_prefill
+    monkeypatch.setattr(sampling, "sample_shared_prefill", lambda *a: calls.append(1) or shared_prefill(*a))
     before = torch.get_rng_state()
     shared = sampling.generate_ids(model, tiny_tokenizer, prompts, cfg, generator_seed=11)
     assert torch.equal(torch.get_rng_state(), before)
