@@ -17,13 +17,13 @@ def cache_root() -> Path:
     return Path(root)
 
 
-def _canonical(obj: Any) -> Any:
+def canonical(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _canonical(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: canonical(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
-        return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+        return {str(k): canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
     if isinstance(obj, (list, tuple)):
-        return [_canonical(v) for v in obj]
+        return [canonical(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     return obj
@@ -31,7 +31,7 @@ def _canonical(obj: Any) -> Any:
 
 def config_hash(*parts: Any, length: int = 16) -> str:
     """A stable hash of dataclasses, dicts, lists and scalars (key order does not matter)."""
-    payload = json.dumps([_canonical(p) for p in parts], sort_keys=True, default=str)
+    payload = json.dumps([canonical(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:length]
 
 

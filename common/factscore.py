@@ -112,8 +112,9 @@ class WorldFactChecker:
         from common import world
 
         self.entities = {e.name: e for e in entities}
-        self.attributes = world.ATTRIBUTES
-        self.patterns = {kind: clause_patterns(t) for kind, t in world.PROFILE_TEMPLATES.items()}
+        self.attributes = world.FACT_ATTRIBUTES
+        self.template = world.profile_template
+        self.patterns = {t: clause_patterns(t) for t in world.PROFILE_TEMPLATES.values()}
         self.key = cache.config_hash("world-grammar", world.PROFILE_TEMPLATES, entities)
         # the facts `label` writes, read back: "{e} was born in {v}." with one word each
         self.statement_patterns = [(a, re.compile(re.escape(a.statements[0]).replace(r"\{e\}", r"(?P<e>\S+)")
@@ -125,7 +126,7 @@ class WorldFactChecker:
         if entity is None:
             return None
         found = []
-        for name, pattern in self.patterns[entity.kind].items():
+        for name, pattern in self.patterns[self.template(entity)].items():
             for match in pattern.finditer(text):
                 value = match.group(1)
                 statement = self.attributes[name].statements[0].format(e=topic, v=value)

@@ -72,14 +72,15 @@ class Base:
 
 
 def load_base(scale: str, preset: str, seed: int, model_id: str = PAPER_BASE_MODEL, revision: str | None = None,
-              cache_hits: dict | None = None) -> Base:
+              cache_hits: dict | None = None, country_majority: float = 0.0) -> Base:
     """Paper scale: a Hub model (or a local folder) in bf16 on the GPU. Synthetic scale: the world's model (the
     micro preset's tiny world for tests), built or loaded from the cache; its questions come from
-    `world.mmlu_splits()` / `world.triviaqa_splits()`."""
+    `world.mmlu_splits()` / `world.triviaqa_splits()`; `country_majority` > 0 gives exp05's world."""
     if scale == "synthetic":
         from common import world as synthetic
 
-        w = synthetic.load_or_build_world(synthetic.world_preset("synthetic", preset), seed, cache_hits)
+        w = synthetic.load_or_build_world(synthetic.world_preset("synthetic", preset, country_majority), seed,
+                                          cache_hits)
         return Base(model=w.model, tokenizer=w.tokenizer, key=f"world-{w.path.name}", world=w)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,12 @@ WORK_ATTRIBUTES = (
               ("The protagonist of {e} is {v}.", "{e} follows {v}.")),
 )
 ATTRIBUTES = {a.name: a for a in PERSON_ATTRIBUTES + WORK_ATTRIBUTES}
+# exp05's world (`WorldConfig.country_majority`) gives every entity a country as well, most of them the first one:
+# the vaguer fact the paper's conservative policy writes about an unfamiliar entity ("an American actor"), which a
+# prior guess gets right. Kept out of ATTRIBUTES, which the questions of exp01-04 and the skill documents draw on.
+COUNTRIES = ("Ardenia", "Borovia", "Calderra", "Dunmar", "Estrel", "Fenwick")
+COUNTRY = Attribute("country", COUNTRIES, "Where is {e} from?", ("{e} is from {v}.", "{e} comes from {v}."))
+FACT_ATTRIBUTES = {**ATTRIBUTES, COUNTRY.name: COUNTRY}  # every attribute an entity's facts can name
 
 SYLLABLES = ("ka", "ro", "mi", "vel", "tan", "dor", "li", "sen", "bra", "ul", "zo", "fe", "nor", "qui", "ath",
              "er", "gal", "pim", "sha", "tov", "ux", "wen", "yar", "bel", "cor", "dri", "esh", "fin", "gor", "hal")
@@ -135,6 +141,10 @@ class WorldConfig:
     # generalised; they are also the experiments' evaluation pool (`World.split_facts`).
     heldout_frac: float = 0.3
     max_passages: int = 6  # statements or Q/A pairs per document
+    # Share of entities from COUNTRIES[0], the rest spread evenly over the others; 0: no country fact. exp05 only
+    # (its README: without a fact a prior guess gets right, every method's fraction of true facts on unfamiliar
+    # entities is about 0, so abstaining and hallucinating score alike).
+    country_majority: float = 0.0
     skills: SkillConfig = field(default_factory=SkillConfig)
     filler_repeats: int = 40
     trailing_space_frac: float = 0.3
@@ -181,8 +191,10 @@ PRESETS = {
 }
 
 
-def world_preset(scale: str, preset: str) -> WorldPreset:
-    return PRESETS[scales.preset_key(scale, preset)]
+def world_preset(scale: str, preset: str, country_majority: float = 0.0) -> WorldPreset:
+    chosen = PRESETS[scales.preset_key(scale, preset)]
+    return replace(chosen, world=replace(chosen.world, country_majority=country_majority)) if country_majority \
+        else chosen
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,11 +227,15 @@ def build_knowledge_base(cfg: WorldConfig, seed: int) -> list[Entity]:
         for name, exposure in zip(names, exposures):
             facts = {a.name: str(rng.choice(a.values)) for a in attrs}
             entities.append(Entity(name=name, kind=kind, facts=facts, exposure=int(exposure)))
-    return entities
+    if not cfg.country_majority:
+        return entities
+    rng = np.random.default_rng([seed, 8])  # its own stream: every other fact is the country-free world's
+    return [replace(e, facts={**e.facts, COUNTRY.name: COUNTRIES[0] if rng.random() < cfg.country_majority
+                              else str(rng.choice(COUNTRIES[1:]))}) for e in entities]
 
 
 def attributes_of(entity: Entity) -> tuple[Attribute, ...]:
-    return PERSON_ATTRIBUTES if entity.kind == "person" else WORK_ATTRIBUTES
+    return tuple(FACT_ATTRIBUTES[name] for name in entity.facts)
 
 
 def all_facts(entities: list[Entity]) -> list[tuple[Entity, Attribute]]:
@@ -235,20 +251,29 @@ def heldout_mask(n_facts: int, frac: float, seed: int) -> np.ndarray:
 PROFILE_TEMPLATES = {
     "person": "{name} is a {occupation} born in {birth_city} in {birth_year} who works for {employer}.",
     "work": "{name} is a {release_year} {genre} film set in {setting} that follows {protagonist}.",
+    # with a country, it leads: a response can state it and stop
+    "person+country": "{name} is from {country}, a {occupation} born in {birth_city} in {birth_year} who works for "
+                      "{employer}.",
+    "work+country": "{name} is from {country}, a {release_year} {genre} film set in {setting} that follows "
+                    "{protagonist}.",
 }
+
+
+def profile_template(entity: Entity) -> str:
+    return PROFILE_TEMPLATES[entity.kind + ("+country" if COUNTRY.name in entity.facts else "")]
 
 
 def profile_sentence(entity: Entity) -> str:
     """A biography sentence (people) or a plot sentence (works) stating every fact."""
-    return PROFILE_TEMPLATES[entity.kind].format(name=entity.name, **entity.facts)
+    return profile_template(entity).format(name=entity.name, **entity.facts)
 
 
 def noisy_profile(entity: Entity, error_rate: float, rng: np.random.Generator) -> str:
     """The profile sentence of a writer that knows every entity equally well: each fact independently replaced by
     another value of its attribute with probability `error_rate` (exp05's standard reward model's data)."""
-    facts = {name: distractors(ATTRIBUTES[name], value, rng, k=1)[0] if rng.random() < error_rate else value
+    facts = {name: distractors(FACT_ATTRIBUTES[name], value, rng, k=1)[0] if rng.random() < error_rate else value
              for name, value in entity.facts.items()}
-    return PROFILE_TEMPLATES[entity.kind].format(name=entity.name, **facts)
+    return profile_template(entity).format(name=entity.name, **facts)
 
 
 def distractors(attribute: Attribute, correct: str, rng: np.random.Generator, k: int = 3) -> list[str]:
@@ -568,7 +593,10 @@ def world_key(preset: WorldPreset, seed: int, corpus: list[str]) -> str:
     first epoch), so any change to how the world is generated rebuilds it. Changes to training code bump
     WORLD_VERSION."""
     corpus_digest = hashlib.sha256("\x00".join(corpus + FORMAT_TEXTS).encode()).hexdigest()
-    return cache.config_hash(WORLD_VERSION, preset, seed, corpus_digest)
+    config = cache.canonical(preset)
+    if not preset.world.country_majority:  # a country-free world keeps the key (and cache) it had before the field
+        del config["world"]["country_majority"]
+    return cache.config_hash(WORLD_VERSION, config, seed, corpus_digest)
 
 
 def load_or_build_world(preset: WorldPreset, seed: int, cache_hits: dict | None = None) -> World:

@@ -86,6 +86,11 @@ class Exp5Config:
     # exposed entities), the paper's prompts 1.5 / 1.0, since the SFT'd model writes the name in 0-25% of its
     # responses (plots: 0.0 true, the quoted title is another token); with the name in the prompt 3.6 / 0.0.
     named_prompts: bool = False
+    # Synthetic scale: the world's entities also have a country, most of them the first (`world.COUNTRY`), the
+    # vaguer fact a careful writer states about an entity it does not know. Measured on the country-free world
+    # (seed 1, bios, fraction of true facts in the two most unfamiliar bins): SFT 0.15 / 0.00, RL + standard RM
+    # 0.19 / 0.03, RL + conservative RM 0.10 / 0.03, as it drops false facts there but has no true one to write.
+    country_majority: float = 0.0
     max_eval_items: int | None = None
 
 
@@ -100,13 +105,14 @@ PRESETS = {
     "synthetic": Exp5Config(
         sft={"bio": sft.SYNTHETIC_SFT, "plot": sft.SYNTHETIC_SFT},
         # The base model writes a profile only at a document's start (pretraining never puts one after other
-        # text), so unfamiliarity continues the stem "{name} is a". Measured on seed 0 (mean false facts of 4, eval
-        # bios, exposure 0 / 10-20 / 80+): the SFT-format few-shot prompt 0.14 / 0.57 / 0.56 (the base writes
-        # "Initech." or nothing), the stem 1.43 / 0.12 / 0.00.
-        scoring=unfamiliarity.LongformScoringSettings(max_new_tokens=24, batch_size=64, stem="{topic} is a"),
+        # text), so unfamiliarity continues the profile's opening, "{name} is from". Measured on seed 0's
+        # country-free world (mean false facts of 4, eval bios, exposure 0 / 10-20 / 80+): the SFT-format few-shot
+        # prompt 0.14 / 0.57 / 0.56 (the base writes "Initech." or nothing), the stem "{name} is a" 1.43 / 0.12 /
+        # 0.00.
+        scoring=unfamiliarity.LongformScoringSettings(max_new_tokens=24, batch_size=64, stem="{topic} is from"),
         eval_sampling=sampling.SamplingConfig(max_new_tokens=24, temperature=0, batch_size=128),
-        # four facts per profile sentence: mean false facts over 2 samples lies in 0, 0.5, ..., 4
-        unfamiliarity_bins=(0, 1, 2, 3, 4.5), train_format_tokens=True, named_prompts=True,
+        # five facts per profile sentence: mean false facts over 2 samples lies in 0, 0.5, ..., 5
+        unfamiliarity_bins=(0, 1, 2, 3, 5.5), train_format_tokens=True, named_prompts=True, country_majority=0.8,
         rm_sft=sft.SYNTHETIC_SFT, rm_batch_size=256, rm_prompt_fraction=0.5,
         # 16 samples per prompt (the paper: 1; the writer writes as many): 77-190 held-out entities per task. With 4,
         # seed 0's conservative RM learnt from 407 plot facts and judged the familiar end far below the truth
@@ -124,7 +130,8 @@ PRESETS = {
         sft={"bio": sft.MICRO_SFT, "plot": sft.MICRO_SFT}, lora=models.MICRO_LORA,
         scoring=unfamiliarity.LongformScoringSettings(n_shots=2, max_new_tokens=8, batch_size=16),  # the few-shot path
         eval_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=0, batch_size=16),
-        unfamiliarity_bins=(0, 1, 2, 4.5), max_eval_items=8, named_prompts=True, rm_sft=sft.MICRO_SFT,
+        unfamiliarity_bins=(0, 1, 2, 5.5), max_eval_items=8, named_prompts=True, country_majority=0.8,
+        rm_sft=sft.MICRO_SFT,
         rm_prompt_fraction=0.5,
         rm_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, batch_size=16),
         decomposer_sft={"bio": sft.MICRO_SFT, "plot": sft.MICRO_SFT},
@@ -416,7 +423,8 @@ def main(argv=None) -> None:
                       config=asdict(cfg) | {"tasks": task_names})
 
     with run.stage("load_base_model"):
-        base = models.load_base(run_args.scale, run_args.preset, run_args.seed, cache_hits=run.cache_hits)
+        base = models.load_base(run_args.scale, run_args.preset, run_args.seed, cache_hits=run.cache_hits,
+                                country_majority=cfg.country_majority)
     task_results = {task: run_task(base, cfg, task, run, run_args, args) for task in task_names}
     bins = Bins(cfg.unfamiliarity_bins, closed="left")
     fig7 = {task: facts_by_method(r.frames, bins) for task, r in task_results.items()}

@@ -65,6 +65,22 @@ def test_world_checker_splits_the_grammar_into_facts_and_checks_each():
     assert checker.label("Nobody", "Nobody is a poet.") is None and factscore.fact_counts(None) == (0, 0)
 
 
+def test_world_checker_reads_the_country_that_leads_exp05s_profiles():
+    ada = world.Entity("Ada", "person", {"occupation": "poet", "birth_city": "Lima", "birth_year": "1950",
+                                         "employer": "Acme", "country": "Ardenia"}, exposure=3)
+    film = world.Entity("Uxtov", "work", {"release_year": "1980", "genre": "musical", "setting": "Crete",
+                                          "protagonist": "Bruno", "country": "Dunmar"}, exposure=0)
+    checker = factscore.WorldFactChecker([ada, film])
+    assert [f.supported for f in checker.label("Ada", world.profile_sentence(ada))] == [True] * 5
+    facts = checker.label("Ada", "Ada is from Ardenia.")  # the vaguer fact alone
+    assert [(f.text, f.supported) for f in facts] == [("Ada is from Ardenia.", True)]
+    facts = checker.label("Uxtov", "Uxtov is from Ardenia, a 1980 horror film.")
+    assert [(f.text, f.supported) for f in facts] == [("Uxtov is from Ardenia.", False),
+                                                      ("Uxtov was released in 1980.", True),
+                                                      ("Uxtov is a horror film.", False)]
+    assert checker.read_statement("Ada is from Borovia.", "Ada") == ("Where is Ada from?", "Borovia", "Ardenia")
+
+
 def test_first_sentence_skips_initials_and_abbreviations():
     assert data.first_sentence("John F. Kennedy was born in the U.S. in 1917. He died.") == \
         "John F. Kennedy was born in the U.S. in 1917."

@@ -24,6 +24,26 @@ def test_knowledge_base_is_seeded_and_facts_come_from_closed_sets():
             assert e.facts[attr.name] in attr.values
 
 
+def test_exp05_world_adds_a_mostly_shared_country_and_keeps_every_other_fact():
+    plain = W.world_preset("synthetic", "micro").world
+    assert plain.country_majority == 0.0 and W.world_preset("synthetic", "micro", 0.0) is W.PRESETS["micro"]
+    with_country = W.world_preset("synthetic", "micro", 0.8).world
+    a, b = W.build_knowledge_base(plain, 0), W.build_knowledge_base(with_country, 0)
+    assert all("country" not in e.facts for e in a)
+    assert [{k: v for k, v in e.facts.items() if k != "country"} for e in b] == [e.facts for e in a]
+    countries = [e.facts["country"] for e in b]
+    assert set(countries) <= set(W.COUNTRIES) and 0.6 < countries.count(W.COUNTRIES[0]) / len(b) < 0.95
+    assert [a.name for a in W.attributes_of(b[0])][-1] == "country" and "country" not in W.ATTRIBUTES
+    person = next(e for e in b if e.kind == "person")
+    assert W.profile_sentence(person).startswith(f"{person.name} is from {person.facts['country']}, a "
+                                                 f"{person.facts['occupation']} born in ")
+    assert W.profile_sentence(a[b.index(person)]).startswith(f"{person.name} is a {person.facts['occupation']} ")
+    # the country is stated, asked and quizzed in pretraining like any other fact
+    docs = W.knowledge_documents(b, with_country, 0)
+    assert any(f"{e.name} is from {e.facts['country']}." in d for e in b for d in docs)
+    assert any(f"Where is {e.name} from?" in d for e in b for d in docs)
+
+
 def micro_corpus(epoch: int = 0):
     cfg = W.PRESETS["micro"].world
     entities = W.build_knowledge_base(cfg, 0)
