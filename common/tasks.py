@@ -246,6 +246,16 @@ def longform_lead(item: LongformItem, named: bool) -> str:
     return f"{LONGFORM_PREFIXES[item.task]}{item.topic}" if named else ""
 
 
+def longform_response(item: LongformItem, named: bool) -> str:
+    """The SFT target after the prompt: the whole target, or with the lead in the prompt the rest of it, which goes
+    on mid-sentence and so starts without a space ("is a poet."). With one, tokenizers that prepend a space (Llama's,
+    the world's) open the response with a bare "is" piece that pretraining never trains: measured on the committed
+    synthetic runs before this rule, the SFT model wrote another word after the name in 93-95% of its evaluation
+    responses on seeds 0-1 ("Bio: Eshhalgal choice a 1996 born in Rome ...")."""
+    lead = longform_lead(item, named)
+    return longform_target(item)[len(lead):].lstrip() if lead else longform_target(item)
+
+
 def with_lead(lead: str, generation: str) -> str:
     """The whole response: the lead, then the generation (whose decoded first word may have lost its space)."""
     return f"{lead} {generation.lstrip()}" if lead else generation

@@ -285,7 +285,7 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> TaskResul
     rm_items = [it for it, h in zip(pool, held_out) if h] or pool  # the reward models' and RL's prompts
     run.extra[f"{task}_split"] |= {"sft": len(sft_items), "reward_model_prompts": len(rm_items)}
     prompts = [prompt(it) for it in sft_items]
-    targets = [tasks.longform_target(it)[len(lead(it)):] for it in sft_items]
+    targets = [tasks.longform_response(it, cfg.named_prompts) for it in sft_items]
     lora = (models.with_format_tokens(cfg.lora, base.tokenizer, [tasks.LONGFORM_PREFIXES[task]])
             if cfg.train_format_tokens else cfg.lora)
     policy = sft.finetune_lora(base, lora, cfg.sft[task], prompts, targets, f"{task}_sft", run,

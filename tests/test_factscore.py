@@ -46,6 +46,20 @@ def test_longform_prompts_targets_and_validity():
     assert tasks.longform_text("bio", " Answer: She was a poet.") is None  # the other task's prefix
 
 
+def test_a_response_after_a_named_lead_is_tokenized_as_the_words_that_follow_the_name():
+    from common import sft
+
+    bio = tasks.LongformItem("bio", "Ada", "Ada is a poet.")
+    assert tasks.longform_response(bio, named=False) == " Bio: Ada is a poet."
+    assert tasks.longform_response(bio, named=True) == "is a poet."
+    tok = world.build_tokenizer(["Write a biography for Ada. Bio: Ada is a poet.", "It is."])
+    prompt = tasks.longform_prompt(bio) + tasks.longform_lead(bio, named=True)
+    ids, labels = sft.encode_pair(tok, prompt, tasks.longform_response(bio, named=True), max_length=64)
+    assert ids == tok(f"{prompt} is a poet. </s>", add_special_tokens=False).input_ids  # " is", not "  " + "is"
+    assert tok.convert_ids_to_tokens(ids[-6:]) == [" is", " a", " poet", ".", " ", "</s>"]
+    assert labels.count(sft.IGNORE_INDEX) == len(tok(prompt, add_special_tokens=False).input_ids)
+
+
 def test_world_checker_splits_the_grammar_into_facts_and_checks_each():
     ada = world.Entity("Ada", "person", {"occupation": "poet", "birth_city": "Lima", "birth_year": "1950",
                                          "employer": "Acme"}, exposure=3)
