@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 import zlib
 from dataclasses import dataclass, field, replace
@@ -263,9 +264,12 @@ def profile_template(entity: Entity) -> str:
     return PROFILE_TEMPLATES[entity.kind + ("+country" if COUNTRY.name in entity.facts else "")]
 
 
-def profile_sentence(entity: Entity) -> str:
-    """A biography sentence (people) or a plot sentence (works) stating every fact."""
-    return profile_template(entity).format(name=entity.name, **entity.facts)
+def profile_sentence(entity: Entity, n_facts: int | None = None) -> str:
+    """A biography sentence (people) or a plot sentence (works) stating every fact, or only its first `n_facts`
+    clauses ("Ada is from Ardenia, a poet.")."""
+    pieces = re.split(r"(\{\w+\})", profile_template(entity))  # "", "{name}", literal, "{field}", literal, ...
+    template = "".join(pieces) if n_facts is None else "".join(pieces[: 2 * n_facts + 2]) + "."
+    return template.format(name=entity.name, **entity.facts)
 
 
 def noisy_profile(entity: Entity, error_rate: float, rng: np.random.Generator) -> str:
@@ -578,11 +582,16 @@ class World:
         """Short-answer questions in the roles of `data.load_triviaqa`."""
         return self.split_facts(self.qa_question)
 
-    def longform_splits(self, task: str) -> dict[str, list[tasks.LongformItem]]:
+    def longform_splits(self, task: str, shortened: float = 0.0) -> dict[str, list[tasks.LongformItem]]:
         """Biographies (people) or plot premises (works) in the roles of `data.load_wikibios` / `load_wikiplots`:
-        each entity's profile sentence is its reference; a seeded `heldout_frac` of the entities evaluates."""
+        each entity's profile sentence is its reference, for a seeded share `shortened` of them cut after a random
+        earlier clause (references, like Wikipedia's first sentences, differ in detail); a seeded `heldout_frac` of
+        the entities evaluates."""
         kind = {"bio": "person", "plot": "work"}[task]
-        items = [tasks.LongformItem(task, e.name, profile_sentence(e)) for e in self.entities if e.kind == kind]
+        entities = [e for e in self.entities if e.kind == kind]
+        rng = np.random.default_rng([self.seed, 9])
+        cuts = [int(rng.integers(1, len(e.facts))) if rng.random() < shortened else None for e in entities]
+        items = [tasks.LongformItem(task, e.name, profile_sentence(e, n)) for e, n in zip(entities, cuts)]
         heldout = np.random.default_rng([self.seed, 7]).random(len(items)) < self.preset.world.heldout_frac
         return {"finetune": [it for it, h in zip(items, heldout) if not h],
                 "eval": [it for it, h in zip(items, heldout) if h]}

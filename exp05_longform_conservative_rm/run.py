@@ -91,6 +91,11 @@ class Exp5Config:
     # (seed 1, bios, fraction of true facts in the two most unfamiliar bins): SFT 0.15 / 0.00, RL + standard RM
     # 0.19 / 0.03, RL + conservative RM 0.10 / 0.03, as it drops false facts there but has no true one to write.
     country_majority: float = 0.0
+    # Synthetic scale: the share of references cut after a random earlier clause (`World.longform_splits`), so the
+    # SFT model can write a less detailed response and RL can find one. Measured on seed 0 with every reference
+    # whole (bios, RL + conservative RM, most unfamiliar bin): the policy dropped false facts (SFT 0.88 / 4.12 true
+    # / false, RL 0.41 / 1.65) by leaving the grammar ("Drisenka is Vandelay."), the country fact with them.
+    shortened_references: float = 0.0
     max_eval_items: int | None = None
 
 
@@ -113,6 +118,7 @@ PRESETS = {
         eval_sampling=sampling.SamplingConfig(max_new_tokens=24, temperature=0, batch_size=128),
         # five facts per profile sentence: mean false facts over 2 samples lies in 0, 0.5, ..., 5
         unfamiliarity_bins=(0, 1, 2, 3, 5.5), train_format_tokens=True, named_prompts=True, country_majority=0.8,
+        shortened_references=0.3,
         rm_sft=sft.SYNTHETIC_SFT, rm_batch_size=256, rm_prompt_fraction=0.5,
         # 16 samples per prompt (the paper: 1; the writer writes as many): 77-190 held-out entities per task. With 4,
         # seed 0's conservative RM learnt from 407 plot facts and judged the familiar end far below the truth
@@ -131,6 +137,7 @@ PRESETS = {
         scoring=unfamiliarity.LongformScoringSettings(n_shots=2, max_new_tokens=8, batch_size=16),  # the few-shot path
         eval_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=0, batch_size=16),
         unfamiliarity_bins=(0, 1, 2, 5.5), max_eval_items=8, named_prompts=True, country_majority=0.8,
+        shortened_references=0.3,
         rm_sft=sft.MICRO_SFT,
         rm_prompt_fraction=0.5,
         rm_sampling=sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, batch_size=16),
@@ -143,9 +150,9 @@ PRESETS = {
 }
 
 
-def load_items(base, task: str, args) -> dict[str, list[tasks.LongformItem]]:
+def load_items(base, cfg: Exp5Config, task: str, args) -> dict[str, list[tasks.LongformItem]]:
     if base.world is not None:
-        return base.world.longform_splits(task)
+        return base.world.longform_splits(task, cfg.shortened_references)
     wikipedia = factscore.LocalWikipedia(args.wikipedia)
     if task == "bio":
         return data.load_wikibios(wikipedia, source=args.wikibios)
@@ -253,7 +260,7 @@ class TaskResult:
 
 def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> TaskResult:
     with run.stage(f"{task}_data"):
-        splits = load_items(base, task, args)
+        splits = load_items(base, cfg, task, args)
         pool, eval_items = splits["finetune"], splits["eval"][: cfg.max_eval_items]
         checker = fact_checker(base, args)
     run.extra[f"{task}_split"] = {"finetune": len(pool), "eval": len(eval_items)}
@@ -282,7 +289,7 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> TaskResul
 
     held_out = np.random.default_rng([run_args.seed, 71]).random(len(pool)) < cfg.rm_prompt_fraction
     sft_items = [it for it, h in zip(pool, held_out) if not h]
-    rm_items = [it for it, h in zip(pool, held_out) if h] or pool  # the reward models' and RL's prompts
+    rm_items = [it for it, h in zip(pool, held_out) if h] or pool  # the reward models' prompts
     run.extra[f"{task}_split"] |= {"sft": len(sft_items), "reward_model_prompts": len(rm_items)}
     prompts = [prompt(it) for it in sft_items]
     targets = [tasks.longform_response(it, cfg.named_prompts) for it in sft_items]
@@ -345,7 +352,7 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> TaskResul
             base.model = model.unload()
 
         def score(idx, generations, rm=rm):
-            items = [rm_items[i] for i in idx]
+            items = [sft_items[i] for i in idx]
             return rm.rewards([it.topic for it in items], [tasks.longform_text(task, tasks.with_lead(lead(it), g))
                                                           for it, g in zip(items, generations)])
 
@@ -355,7 +362,7 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> TaskResul
                     "eval_false": point.n_false.mean(), "eval_valid": point.valid.mean()}
 
         rl = models.add_lora(start, cfg.lora, seed=run_args.seed)
-        ppo.train_cached(rl, base.tokenizer, [prompt(it) for it in rm_items], score, cfg.ppo, f"{task}_rl_{kind}",
+        ppo.train_cached(rl, base.tokenizer, [prompt(it) for it in sft_items], score, cfg.ppo, f"{task}_rl_{kind}",
                          run, run_args.seed, init_key, (decomposer_key, classifier_key, checker.key, cfg.eval_sampling,
                                                         cfg.curve_eval_items), resume=run_args.resume,
                          evaluate=curve_point)

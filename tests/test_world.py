@@ -38,10 +38,27 @@ def test_exp05_world_adds_a_mostly_shared_country_and_keeps_every_other_fact():
     assert W.profile_sentence(person).startswith(f"{person.name} is from {person.facts['country']}, a "
                                                  f"{person.facts['occupation']} born in ")
     assert W.profile_sentence(a[b.index(person)]).startswith(f"{person.name} is a {person.facts['occupation']} ")
+    assert W.profile_sentence(person, 1) == f"{person.name} is from {person.facts['country']}."
+    assert W.profile_sentence(person, 2) == f"{person.name} is from {person.facts['country']}, a " \
+                                            f"{person.facts['occupation']}."
     # the country is stated, asked and quizzed in pretraining like any other fact
     docs = W.knowledge_documents(b, with_country, 0)
     assert any(f"{e.name} is from {e.facts['country']}." in d for e in b for d in docs)
     assert any(f"Where is {e.name} from?" in d for e in b for d in docs)
+
+
+def test_longform_references_keep_the_split_and_a_seeded_share_stop_after_an_earlier_clause():
+    preset = W.world_preset("synthetic", "micro", 0.8)
+    entities = W.build_knowledge_base(preset.world, 0)
+    world = W.World(preset, 0, entities, tokenizer=None, model=None, path=None, build_info={})
+    whole, cut = world.longform_splits("bio"), world.longform_splits("bio", shortened=0.5)
+    assert [it.topic for it in whole["eval"]] == [it.topic for it in cut["eval"]]
+    people = {e.name: e for e in entities}
+    refs = [(it.reference, people[it.topic]) for split in cut.values() for it in split]
+    assert all(it.reference == W.profile_sentence(people[it.topic]) for it in whole["finetune"] + whole["eval"])
+    shortened = [r for r, e in refs if r != W.profile_sentence(e)]
+    assert all(r in {W.profile_sentence(e, n) for n in range(1, 5)} for r, e in refs if r in shortened)
+    assert 0.3 < len(shortened) / len(refs) < 0.7
 
 
 def micro_corpus(epoch: int = 0):
