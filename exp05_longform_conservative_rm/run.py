@@ -125,7 +125,8 @@ PRESETS = {
         # (predicted -2.8 against 5.0 in the most familiar bin), and PPO with it dropped true facts there.
         rm_sampling=sampling.SamplingConfig(max_new_tokens=24, temperature=1.0, num_samples=16, batch_size=128),
         decomposer="labeller",
-        # exp03's synthetic PPO; the KL coefficient by measurement (seed 0, bios, RL + conservative RM, true / false
+        # exp03's synthetic PPO; the KL coefficient by measurement (9-epoch world before the country and the SFT fix,
+        # not re-tuned since; seed 0, bios, RL + conservative RM, true / false
         # facts per response in the most familiar and the most unfamiliar bin, SFT 3.53 / 0.47 and 0.89 / 2.67):
         # beta 0.1 collapses every response to a fact-free string (0.99 / 0.11, 0.22 / 0.33), beta 0.5 keeps the
         # SFT model's (3.62 / 0.38, 0.78 / 3.22), beta 0.2 drops mostly the false facts (3.17 / 0.38, 0.56 / 1.11).
