@@ -13,6 +13,11 @@ The classifier is `common.reward_model` on one fact at a time:
   Nairobi."), read back as its question and candidate answer ("Q: Where was Corli born?\\nA: Nairobi\\n"); the
   target recalls the knowledge base's answer, then judges ("Nairobi? True"). A fact the world's statements cannot
   read is judged false.
+  A fact is judged true when the classifier's probability of recalling the candidate and approving it exceeds 0.5
+  (`reward_model`'s `recall_candidate`), not by the verdict after its greedy recall (exp04's reading), which
+  approves an unfamiliar entity's fact whenever the recall copies the candidate. Measured on seeds 0-1 (the SFT
+  model's evaluation responses, the conservative RM's mean prediction minus the truth in the most unfamiliar bin,
+  bio / plot): greedy recall +3.8 / +1.4 (seed 0), +0.9 / +1.9 (seed 1); this reading +1.5 / +0.7, -0.6 / +1.5.
 
 What makes a reward model conservative is its training data, not its code: facts from the policy's own SFT samples
 (unfamiliar entities then carry false facts, so low predictions), or from a writer whose errors do not depend on the
@@ -77,36 +82,38 @@ class FactClassifier:
 
     @property
     def reward_format(self) -> str:
-        return "direct" if self.world is None else "recall"
+        return "direct" if self.world is None else "recall_candidate"
 
     @property
     def verdicts(self) -> dict[int, str]:
         return PAPER_VERDICTS if self.world is None else tasks.REWARD_WORDS
 
-    def query(self, topic: str, fact: str) -> tuple[str, str | None] | None:
-        """(the classifier's prompt for one fact, the answer a recall-then-judge target recalls or None), or None
-        where the synthetic world cannot read the fact."""
+    def query(self, topic: str, fact: str) -> tuple[str, str | None, str | None] | None:
+        """(the classifier's prompt for one fact, the candidate answer it states and the answer a recall-then-judge
+        target recalls, both None at paper scale), or None where the synthetic world cannot read the fact."""
         if self.world is None:
-            return tasks.fact_classifier_prompt(self.task, topic, fact), None
+            return tasks.fact_classifier_prompt(self.task, topic, fact), None, None
         read = self.world.read_statement(fact, topic)
-        return None if read is None else (tasks.triviaqa_rm_prompt(read[0], read[1], normalize=False), read[2])
+        return None if read is None else (tasks.triviaqa_rm_prompt(read[0], read[1], normalize=False), read[1],
+                                          read[2])
 
     def training_data(self, examples: Sequence[FactExample]) -> tuple[list[str], list[int], list[str] | None]:
         """(prompts, rewards, recalled answers or None) for the facts the classifier can read."""
         readable = [(q, int(ex.supported)) for ex in examples if (q := self.query(ex.topic, ex.fact)) is not None]
-        prompts = [prompt for (prompt, _), _ in readable]
-        recalled = [truth for (_, truth), _ in readable] if self.world is not None else None
+        prompts = [prompt for (prompt, _, _), _ in readable]
+        recalled = [truth for (_, _, truth), _ in readable] if self.world is not None else None
         return prompts, [reward for _, reward in readable], recalled
 
     def judge(self, model, tokenizer, topics: Sequence[str], facts: Sequence[str], batch_size: int) -> np.ndarray:
-        """Whether each fact is judged true: P(verdict "true") > 0.5, which is the greedy verdict between the
-        two; a fact the classifier cannot read is judged false."""
+        """Whether each fact is judged true: P(verdict "true") > 0.5 (at paper scale the greedy verdict between the
+        two); a fact the classifier cannot read is judged false."""
         queries = [self.query(t, f) for t, f in zip(topics, facts)]
         readable = [i for i, q in enumerate(queries) if q is not None]
         judged = np.zeros(len(queries), dtype=bool)
         if readable:
+            candidates = [queries[i][1] for i in readable] if self.world is not None else None
             p_true = reward_model.predict(model, tokenizer, [queries[i][0] for i in readable], batch_size,
-                                          self.reward_format, self.verdicts)
+                                          self.reward_format, self.verdicts, candidates)
             judged[readable] = p_true > 0.5
         return judged
 

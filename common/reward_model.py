@@ -14,6 +14,10 @@ Two formats:
   the build measures it, `common.familiarity`). An unfamiliar query still falls back on the unfamiliar examples'
   labels: through the recall (copying the candidate when those examples were all "True", guessing when all
   "False") and through the verdict.
+- `recall_candidate`: the same model and targets, read as the probability of the whole path that approves the
+  candidate, recalling it and then the verdict ("Nairobi? True" after a prompt whose answer is Nairobi), one forward
+  pass per batch. The greedy recall approves an unfamiliar query's candidate whenever the recall happens to copy it,
+  however unsure the model was; this reading asks the recall to be likely. Exp05 uses it (longform_rm says why).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import numpy as np
 
 from common import sampling, sft, tasks
 
-FORMATS = ("direct", "recall")
+FORMATS = ("direct", "recall", "recall_candidate")
 RECALL_END = "?"  # closes the recalled answer ("Paris? True"): the world's membership documents end so
 MAX_RECALL_TOKENS = 8
 
@@ -52,12 +56,21 @@ def train(base, lora, cfg: sft.SFTConfig, prompts: Sequence[str], rewards: Seque
 
 
 def predict(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, reward_format: str = "direct",
-            words: dict[int, str] = tasks.REWARD_WORDS) -> np.ndarray:
+            words: dict[int, str] = tasks.REWARD_WORDS, candidates: Sequence[str] | None = None) -> np.ndarray:
     """P(reward 1) for each prompt: the softmax over the first tokens of the two verdicts (`words`) as the targets
     tokenize them (Llama's "▁True"/"▁False"), at the prompt's end (`direct`) or after the greedy recall
-    (`recall`; a recall not closed by RECALL_END within MAX_RECALL_TOKENS gets it appended)."""
+    (`recall`; a recall not closed by RECALL_END within MAX_RECALL_TOKENS gets it appended); or
+    (`recall_candidate`) the probability of the target that recalls each prompt's candidate answer and approves it,
+    "<candidate>? <verdict 1>"."""
     if reward_format not in FORMATS:
         raise ValueError(f"unknown reward-model format {reward_format!r}; expected one of {FORMATS}")
+    if reward_format == "recall_candidate":
+        if candidates is None or len(candidates) != len(prompts):
+            raise ValueError("the recall_candidate reading needs one candidate answer per prompt")
+        approving = [[targets([1], [c], words)[0]] for c in candidates]
+        logp, _ = sampling.continuation_logprobs(model, tokenizer, prompts, approving, batch_size,
+                                                 desc="reward model")
+        return logp[:, 0].exp().numpy()
     verdict_ids = sampling.first_token_ids(tokenizer, [words[1], words[0]])
     scored: Sequence[str] | list[list[int]] = prompts
     if reward_format == "recall":

@@ -363,10 +363,10 @@ def run_task(base, cfg: Exp5Config, task: str, run, run_args, args) -> TaskResul
                     "eval_false": point.n_false.mean(), "eval_valid": point.valid.mean()}
 
         rl = models.add_lora(start, cfg.lora, seed=run_args.seed)
+        reward_key = (decomposer_key, classifier_key, classifier.reward_format, checker.key)
         ppo.train_cached(rl, base.tokenizer, [prompt(it) for it in sft_items], score, cfg.ppo, f"{task}_rl_{kind}",
-                         run, run_args.seed, init_key, (decomposer_key, classifier_key, checker.key, cfg.eval_sampling,
-                                                        cfg.curve_eval_items), resume=run_args.resume,
-                         evaluate=curve_point)
+                         run, run_args.seed, init_key, (*reward_key, cfg.eval_sampling, cfg.curve_eval_items),
+                         resume=run_args.resume, evaluate=curve_point)
         with run.stage(f"{task}_evaluate_rl_{kind}"):
             frames[f"rl_{kind}"], labels[f"rl_{kind}"] = evaluate(rl)
         start = rl.unload()

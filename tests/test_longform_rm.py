@@ -40,7 +40,7 @@ def test_classifier_data_recalls_the_truth_and_skips_what_it_cannot_read():
     assert rewards == [0, 1, 0] and recalled == ["poet", "Lima", "1950"]
     paper = longform_rm.FactClassifier("plot")
     assert paper.query("Uxtov (film)", "Bruno is the hero.") == \
-        ('Is the following a plot point in "Uxtov (film)"? Bruno is the hero.', None)
+        ('Is the following a plot point in "Uxtov (film)"? Bruno is the hero.', None, None)
     assert paper.training_data(examples)[2] is None and paper.verdicts == {1: "Yes.", 0: "No."}
 
 
@@ -105,4 +105,5 @@ def test_labeller_decomposer_gives_the_labellers_atoms_and_none_for_invalid_resp
 
 def test_classifier_reads_a_fact_about_the_prompts_entity_whatever_its_subject_word():
     classifier = longform_rm.FactClassifier("bio", factscore.WorldFactChecker([ADA]))
-    assert classifier.query("Ada", "Fact 1:Q was born in Rome.") == ("Q: Where was Ada born?\nA: Rome\n", "Lima")
+    assert classifier.query("Ada", "Fact 1:Q was born in Rome.") == ("Q: Where was Ada born?\nA: Rome\n", "Rome",
+                                                                     "Lima")

@@ -65,6 +65,27 @@ def test_recall_then_judge_reads_the_verdict_after_the_greedy_recall():
         reward_model.predict(model, tok, prompts, reward_format="scalar")
 
 
+def test_recall_candidate_reads_the_probability_of_recalling_the_candidate_then_approving_it():
+    from common.world import build_tokenizer
+
+    tok = build_tokenizer(["Q: Where was Velorin born?\nA: Rome\n Paris? True False"])
+    # After "\n" the recall is " Paris" or " Rome" (logits 1 and 0 of a vocabulary of V tokens at 0 otherwise);
+    # after either, "?" (logit 30, probability ~1); after "?", " True" by 2 nats over " False" (the rest at 0).
+    model = last_token_model(tok, {"\n": 0, " Paris": 1, " Rome": 1, "?": 2},
+                             {(0, " Paris"): 1.0, (1, "?"): 30.0, (2, " True"): 2.0})
+    v = len(tok)
+    p_rome = 1 / (np.e + v - 1)  # " Rome" after "\n"
+    p_true = np.exp(2) / (np.exp(2) + v - 1)  # " True" after "?"
+    prompts = ["Q: Where was Velorin born?\nA: Rome\n"] * 2
+    p = reward_model.predict(model, tok, prompts, reward_format="recall_candidate", candidates=["Rome", "Paris"])
+    assert p == pytest.approx([p_rome * p_true, np.e * p_rome * p_true], rel=1e-4)
+    # the greedy recall writes " Paris" for both, so it cannot tell the two candidates apart
+    greedy = reward_model.predict(model, tok, prompts, reward_format="recall")
+    assert greedy[0] == pytest.approx(greedy[1])
+    with pytest.raises(ValueError, match="one candidate answer per prompt"):
+        reward_model.predict(model, tok, prompts, reward_format="recall_candidate")
+
+
 def test_training_makes_the_reward_model_follow_its_labels(rm_tokenizer, tmp_path):
     from common import models
 
