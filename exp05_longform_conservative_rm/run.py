@@ -130,9 +130,13 @@ PRESETS = {
         # facts per response in the most familiar and the most unfamiliar bin, SFT 3.53 / 0.47 and 0.89 / 2.67):
         # beta 0.1 collapses every response to a fact-free string (0.99 / 0.11, 0.22 / 0.33), beta 0.5 keeps the
         # SFT model's (3.62 / 0.38, 0.78 / 3.22), beta 0.2 drops mostly the false facts (3.17 / 0.38, 0.56 / 1.11).
-        ppo=ppo.PPOConfig(lr=3e-3, eta_min=3e-3, cliprange=0.2, total_steps=480, num_rollouts=512, chunk_size=256,
+        # 240 steps, not exp03's 480 (the learning rate is constant, so the first 240 steps are the same run): on
+        # seed 0 the curves' fraction of true facts (64 evaluation entities) had levelled off by step 80-240 (bios:
+        # SFT 0.708, RL + conservative RM 0.799 / 0.812 / 0.792 at steps 80 / 240 / 480, RL + standard RM 0.716 /
+        # 0.684 / 0.721; plots 0.607, 0.782 / 0.804 / 0.845, 0.707 / 0.667 / 0.828), and each run took 175 s of 480.
+        ppo=ppo.PPOConfig(lr=3e-3, eta_min=3e-3, cliprange=0.2, total_steps=240, num_rollouts=512, chunk_size=256,
                           batch_size=128, ppo_epochs=4, vf_only_steps=16, init_kl_coef=0.2, max_new_tokens=24,
-                          checkpoint_every=160, eval_every=80)),
+                          checkpoint_every=120, eval_every=80)),
     "micro": Exp5Config(
         sft={"bio": sft.MICRO_SFT, "plot": sft.MICRO_SFT}, lora=models.MICRO_LORA,
         scoring=unfamiliarity.LongformScoringSettings(n_shots=2, max_new_tokens=8, batch_size=16),  # the few-shot path
