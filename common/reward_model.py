@@ -3,7 +3,7 @@ SFT objective to write "True" (reward 1) or "False" (reward 0) after a (query, r
 `common.tasks` (`mmlu_rm_prompt`, `triviaqa_rm_prompt`, ...), so the same module serves every task, the long-form
 per-fact classifiers included.
 
-Two formats:
+Three readings of two kinds of target:
 - `direct` (the paper's, the paper-scale default): the target is the verdict alone; P(reward 1) is the softmax over
   the logits of "True" and "False" at the prompt's last position, one forward pass per batch.
 - `recall` (recall-then-judge; the synthetic scale's deviation, README "The synthetic world"): the target first
