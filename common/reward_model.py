@@ -67,7 +67,7 @@ def predict(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, rewa
     if reward_format == "recall_candidate":
         if candidates is None or len(candidates) != len(prompts):
             raise ValueError("the recall_candidate reading needs one candidate answer per prompt")
-        approving = [[targets([1], [c], words)[0]] for c in candidates]
+        approving = [[t] for t in targets([1] * len(candidates), candidates, words)]
         logp, _ = sampling.continuation_logprobs(model, tokenizer, prompts, approving, batch_size,
                                                  desc="reward model")
         return logp[:, 0].exp().numpy()
